@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Set up voxelflow in ./.venv on a fresh machine: CPU torch first (a bare torch
+# requirement would pull a multi-GB CUDA build), then the project with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+if ! .venv/bin/python -c "import torch" 2>/dev/null; then
+  # A machine with CUDA installs its own torch build before running this script.
+  .venv/bin/python -m pip install --quiet "torch==2.13.0"
+fi
+.venv/bin/python -m pip install --quiet -e ".[test]"
+.venv/bin/python -m pip check

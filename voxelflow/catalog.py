@@ -1,0 +1,96 @@
+"""The catalog: Parquet tables inside the store.
+
+* ``catalog/volumes.parquet``: one row per volume (:data:`VOLUME_COLUMNS`).
+* ``catalog/files.parquet``: one row per input file (:data:`FILE_COLUMNS`), ``status`` in
+  ``converted | skipped | failed`` with a ``reason`` for the last two.
+
+Tables are replaced atomically (written aside, then renamed). A new run's rows replace the
+rows with the same key (``volume_id``; ``source`` + ``path``); other rows are kept.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+VOLUME_SCHEMA = pa.schema([
+    ("volume_id", pa.string()),
+    ("patient_id", pa.string()),
+    ("study_id", pa.string()),
+    ("series_id", pa.string()),
+    ("stack", pa.string()),
+    ("kind", pa.string()),  # dicom | nifti
+    ("modality", pa.string()),
+    ("shape", pa.list_(pa.int64())),  # NGFF order ([t,] z, y, x)
+    ("spacing", pa.list_(pa.float64())),  # (x, y, z) mm
+    ("orientation", pa.string()),
+    ("dtype", pa.string()),
+    ("levels", pa.int64()),
+    ("affine", pa.list_(pa.float64())),  # 16 values, row-major
+    ("n_files", pa.int64()),
+    ("source_files", pa.list_(pa.string())),
+    ("digest", pa.string()),
+    ("attributes", pa.string()),  # JSON of allow-listed technical DICOM attributes
+    ("warnings", pa.list_(pa.string())),
+    ("ingested_at", pa.timestamp("s", tz="UTC")),
+])
+
+FILE_SCHEMA = pa.schema([
+    ("source", pa.string()),
+    ("path", pa.string()),
+    ("status", pa.string()),
+    ("reason", pa.string()),
+    ("volume_id", pa.string()),
+])
+
+STATUSES = ("converted", "skipped", "failed")
+
+
+def catalog_dir(store: str | os.PathLike) -> Path:
+    return Path(store) / "catalog"
+
+
+def read_table(store: str | os.PathLike, name: str) -> pa.Table:
+    """Read ``catalog/<name>.parquet``; an empty table with the schema when absent."""
+    schema = {"volumes": VOLUME_SCHEMA, "files": FILE_SCHEMA}[name]
+    path = catalog_dir(store) / f"{name}.parquet"
+    if not path.exists():
+        return schema.empty_table()
+    return pq.read_table(path)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def _merge(old: pa.Table, new_rows: list[dict[str, Any]], schema: pa.Schema,
+           key: tuple[str, ...]) -> pa.Table:
+    new = pa.Table.from_pylist(new_rows, schema=schema)
+    if old.num_rows == 0:
+        merged = new
+    else:
+        fresh = {tuple(r[k] for k in key) for r in new.select(list(key)).to_pylist()}
+        keep = [tuple(r[k] for k in key) not in fresh for r in old.select(list(key)).to_pylist()]
+        merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())).cast(schema), new])
+    return merged.sort_by([(k, "ascending") for k in key])
+
+
+def update_catalog(store: str | os.PathLike, volume_rows: list[dict[str, Any]],
+                   file_rows: list[dict[str, Any]]) -> tuple[pa.Table, pa.Table]:
+    """Merge a run's rows into the catalog and write both tables. Returns them."""
+    bad = {r["status"] for r in file_rows} - set(STATUSES)
+    if bad:
+        raise ValueError(f"file rows with unknown status {sorted(bad)}; expected one of {STATUSES}")
+    volumes = _merge(read_table(store, "volumes"), volume_rows, VOLUME_SCHEMA, ("volume_id",))
+    files = _merge(read_table(store, "files"), file_rows, FILE_SCHEMA, ("source", "path"))
+    _write_atomic(volumes, catalog_dir(store) / "volumes.parquet")
+    _write_atomic(files, catalog_dir(store) / "files.parquet")
+    return volumes, files

@@ -1,0 +1,314 @@
+"""Ingest, the library side: scan headers in batches, plan volumes, convert them.
+
+Everything here is plain Python on values and paths, so it runs on a Dask worker, in a test
+or in a notebook; ``tasks/ingest.py`` and ``flows/ingest.py`` only wrap and wire it.
+
+The accounting rule: every input file ends in exactly one ``files`` row — ``converted`` (with
+its volume), ``skipped`` (not an image, with why) or ``failed`` (with why).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import defaultdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from voxelflow import catalog
+from voxelflow.deid import create_key, key_path, load_key, pseudonym
+from voxelflow.errors import InvalidInputError, NotAnImageError
+from voxelflow.geometry import orientation_code
+from voxelflow.io.dicom import load_stack, looks_like_dicom, plan_series, scan_dicom
+from voxelflow.io.nifti import looks_like_nifti, read_nifti
+from voxelflow.io.sources import InputFile, is_archive
+from voxelflow.store import init_store, store_id, write_volume
+
+
+class IngestConfig(BaseModel):
+    """What to ingest and where. Passed as the ingest flow's (validated) parameter."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sources: list[str] = Field(min_length=1, description="folders, archives or files")
+    store: str = Field(description="store root (created if missing)")
+    scratch: str | None = Field(None, description="folder for unpacked archives and scan tables")
+    secret_file: str | None = Field(None, description="de-identification key file")
+    batch_size: int = Field(256, ge=1, description="files per header-scan task")
+    files_per_task: int = Field(2000, ge=1, description="pack small series into tasks up to this many files")
+    chunk: int = Field(64, ge=8, description="chunk edge length in voxels")
+
+
+# ----------------------------------------------------------------------------- store + key
+
+
+def prepare_store(store: str, secret_file: str | None = None) -> str:
+    """Create or open the store and make sure its key exists. Returns the store id.
+
+    Raises:
+        StoreError: the store cannot be created.
+        ConfigurationError: an existing store's key cannot be found.
+    """
+    sid = init_store(store)
+    if secret_file:
+        load_key(sid, secret_file)
+    elif not key_path(sid).exists():
+        if (Path(store) / "catalog" / "files.parquet").exists():
+            load_key(sid)  # raises: a used store without its key would get new pseudonyms
+        create_key(sid)
+    return sid
+
+
+def store_key(store: str, secret_file: str | None = None) -> bytes:
+    return load_key(store_id(store), secret_file)
+
+
+# ----------------------------------------------------------------------------- scanning
+
+SCAN_SCHEMA = pa.schema([
+    ("source", pa.string()), ("path", pa.string()), ("local", pa.string()),
+    ("kind", pa.string()),  # dicom | nifti | none
+    ("status", pa.string()), ("reason", pa.string()),  # set when the file is settled at scan
+    ("series", pa.string()), ("patient", pa.string()), ("study", pa.string()),
+    ("instance", pa.string()), ("modality", pa.string()), ("sop_class", pa.string()),
+    ("transfer_syntax", pa.string()),
+    ("rows", pa.int64()), ("cols", pa.int64()), ("samples", pa.int64()),
+    ("bits_allocated", pa.int64()), ("pixel_representation", pa.int64()),
+    ("photometric", pa.string()), ("frames", pa.int64()),
+    ("orientation", pa.list_(pa.float64())), ("position", pa.list_(pa.float64())),
+    ("pixel_spacing", pa.list_(pa.float64())),
+    ("slice_thickness", pa.float64()), ("spacing_between_slices", pa.float64()),
+    ("instance_number", pa.int64()), ("acquisition_number", pa.int64()),
+    ("echo_number", pa.int64()), ("temporal_position", pa.int64()),
+    ("image_type", pa.string()),
+    ("rescale_slope", pa.float64()), ("rescale_intercept", pa.float64()),
+    ("attributes", pa.string()),
+])
+
+
+def classify_file(entry: InputFile, key: bytes) -> dict[str, Any]:
+    """Scan one input file: a DICOM header record, a NIfTI candidate, or a settled row."""
+    rec: dict[str, Any] = {"source": entry.source, "path": entry.path, "local": entry.local}
+    if entry.reason:
+        return rec | {"kind": "none", "status": "failed", "reason": entry.reason}
+    try:
+        with open(entry.local, "rb") as fh:
+            head = fh.read(352)
+    except OSError as exc:
+        return rec | {"kind": "none", "status": "failed", "reason": f"cannot read file: {exc.strerror or exc}"}
+    if not head:
+        return rec | {"kind": "none", "status": "skipped", "reason": "empty file (0 bytes)"}
+    if looks_like_nifti(head, entry.path):
+        return rec | {"kind": "nifti"}
+    if looks_like_dicom(head):
+        try:
+            return rec | {"kind": "dicom"} | scan_dicom(entry.local, entry.path, key)
+        except NotAnImageError as exc:
+            return rec | {"kind": "none", "status": "skipped", "reason": exc.reason}
+        except InvalidInputError as exc:
+            return rec | {"kind": "none", "status": "failed", "reason": exc.reason}
+    if is_archive(entry.path):
+        return rec | {"kind": "none", "status": "skipped",
+                      "reason": "archive inside a source; nested archives are not unpacked"}
+    name = entry.path.lower()
+    if name.endswith((".dcm", ".ima", ".nii", ".nii.gz")):
+        return rec | {"kind": "none", "status": "failed",
+                      "reason": "named like DICOM/NIfTI but its content is neither (corrupt or mislabelled)"}
+    return rec | {"kind": "none", "status": "skipped", "reason": "not a DICOM or NIfTI file"}
+
+
+def scan_batch(entries: list[InputFile], key: bytes, out_path: str) -> str:
+    """Scan a batch of files and write their records to a Parquet file. Returns its path."""
+    records = [classify_file(e, key) for e in entries]
+    table = pa.Table.from_pylist(records, schema=SCAN_SCHEMA)
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{out_path}.partial"
+    pq.write_table(table, tmp)
+    os.replace(tmp, out_path)
+    return out_path
+
+
+def make_batches(entries: list[InputFile], batch_size: int) -> list[list[InputFile]]:
+    return [entries[i:i + batch_size] for i in range(0, len(entries), batch_size)]
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def plan_jobs(scan_tables: list[str], files_per_task: int) -> tuple[list[list[dict]], list[dict]]:
+    """Group scanned records into conversion jobs and settle the rest.
+
+    Returns:
+        ``(task_batches, settled_rows)``: lists of jobs packed so a task handles about
+        ``files_per_task`` files (a large series is a task of its own), and the ``files``
+        rows of files already settled by the scan.
+    """
+    settled: list[dict] = []
+    series: dict[str, list[dict]] = defaultdict(list)
+    jobs: list[dict] = []
+    for path in scan_tables:
+        for rec in pq.read_table(path).to_pylist():
+            if rec["status"]:
+                settled.append({"source": rec["source"], "path": rec["path"], "status": rec["status"],
+                                "reason": rec["reason"], "volume_id": None})
+            elif rec["kind"] == "dicom":
+                series[rec["series"]].append(rec)
+            else:
+                jobs.append({"kind": "nifti", "records": [rec]})
+    jobs.extend({"kind": "dicom", "series": uid, "records": recs} for uid, recs in sorted(series.items()))
+    jobs.sort(key=lambda j: -len(j["records"]))
+    batches: list[list[dict]] = []
+    current: list[dict] = []
+    count = 0
+    for job in jobs:
+        n = len(job["records"])
+        if current and count + n > files_per_task:
+            batches.append(current)
+            current, count = [], 0
+        current.append(job)
+        count += n
+    if current:
+        batches.append(current)
+    return batches, settled
+
+
+# ----------------------------------------------------------------------------- converting
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc).replace(microsecond=0)
+
+
+def _file_row(rec: dict, status: str, reason: str | None = None, volume_id: str | None = None) -> dict:
+    return {"source": rec["source"], "path": rec["path"], "status": status,
+            "reason": reason, "volume_id": volume_id}
+
+
+def _volume_row(volume_id: str, info, affine: np.ndarray, *, kind: str, first: dict, stack: str,
+                files: list[dict], attributes: str, warnings: list[str]) -> dict:
+    return {
+        "volume_id": volume_id,
+        "patient_id": first.get("patient"), "study_id": first.get("study"),
+        "series_id": first.get("series"), "stack": stack, "kind": kind,
+        "modality": first.get("modality"), "shape": list(info.shape),
+        "spacing": list(info.spacing), "orientation": orientation_code(affine),
+        "dtype": info.dtype, "levels": info.levels,
+        "affine": [float(v) for v in np.asarray(affine).ravel()],
+        "n_files": len(files), "source_files": [f["path"] for f in files],
+        "digest": info.digest, "attributes": attributes, "warnings": warnings,
+        "ingested_at": _now(),
+    }
+
+
+def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict],
+                         chunk: int = 64) -> tuple[list[dict], list[dict]]:
+    """Plan and write the volumes of one DICOM series. Returns ``(volume_rows, file_rows)``.
+
+    Bad input never raises: each file gets its row (``failed`` with the reason).
+    """
+    file_rows: list[dict] = []
+    volume_rows: list[dict] = []
+    # The same SOP instance twice (copies, several encodings of one image): keep the first.
+    seen: dict[str, str] = {}
+    unique: list[dict] = []
+    for rec in sorted(records, key=lambda r: (r["source"], r["path"])):
+        inst = rec["instance"]
+        if inst and inst in seen:
+            file_rows.append(_file_row(rec, "skipped", f"duplicate of {seen[inst]} (same SOPInstanceUID)"))
+            continue
+        if inst:
+            seen[inst] = rec["path"]
+        unique.append(rec)
+    try:
+        plans = plan_series(series, unique)
+    except InvalidInputError as exc:
+        return [], file_rows + [_file_row(r, "failed", str(exc)) for r in unique]
+    for plan in plans:
+        volume_id = pseudonym(key, "volume", f"{series}|{plan.label}").lower()
+        try:
+            data = load_stack(plan)
+            info = write_volume(store, volume_id, data, plan.affine, chunk=chunk, attributes={
+                "kind": "dicom", "modality": plan.files[0]["modality"],
+                "warnings": plan.warnings, "stack": plan.label})
+        except InvalidInputError as exc:
+            reason = f"series {series}" + (f" [{plan.label}]" if plan.label else "") + f": {exc}"
+            file_rows.extend(_file_row(r, "failed", reason) for r in plan.files)
+            continue
+        volume_rows.append(_volume_row(
+            volume_id, info, plan.affine, kind="dicom", first=plan.files[0], stack=plan.label,
+            files=plan.files, attributes=plan.files[0]["attributes"] or "{}", warnings=plan.warnings))
+        file_rows.extend(_file_row(r, "converted", None, volume_id) for r in plan.files)
+    return volume_rows, file_rows
+
+
+def convert_nifti_file(store: str, key: bytes, rec: dict, chunk: int = 64) -> tuple[list[dict], list[dict]]:
+    """Write one NIfTI file as a volume. Returns ``(volume_rows, file_rows)``."""
+    try:
+        vol = read_nifti(rec["local"], rec["path"])
+    except InvalidInputError as exc:
+        return [], [_file_row(rec, "failed", exc.reason)]
+    source_name = Path(rec["source"].rstrip("/")).name
+    volume_id = pseudonym(key, "volume", f"nifti|{source_name}|{rec['path']}").lower()
+    data = np.transpose(vol.data, tuple(range(vol.data.ndim))[::-1])  # (x,y,z[,t]) -> ([t,]z,y,x)
+    data = np.ascontiguousarray(data)
+    info = write_volume(store, volume_id, data, vol.affine, time_step=vol.time_step, chunk=chunk,
+                        attributes={"kind": "nifti", "modality": None, "warnings": vol.warnings,
+                                    "stack": ""})
+    first = {"patient": None, "study": None, "series": None, "modality": None}
+    row = _volume_row(volume_id, info, vol.affine, kind="nifti", first=first, stack="",
+                      files=[rec], attributes="{}", warnings=vol.warnings)
+    return [row], [_file_row(rec, "converted", None, volume_id)]
+
+
+def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64) -> dict[str, list[dict]]:
+    """Run a batch of jobs; returns ``{"volumes": [...], "files": [...]}`` rows."""
+    volumes: list[dict] = []
+    files: list[dict] = []
+    for job in jobs:
+        if job["kind"] == "dicom":
+            v, f = convert_dicom_series(store, key, job["series"], job["records"], chunk)
+        else:
+            v, f = convert_nifti_file(store, key, job["records"][0], chunk)
+        volumes.extend(v)
+        files.extend(f)
+    return {"volumes": volumes, "files": files}
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def summarize(volumes: list[dict], files: list[dict]) -> dict[str, Any]:
+    counts = {s: 0 for s in catalog.STATUSES}
+    reasons: dict[str, int] = defaultdict(int)
+    for row in files:
+        counts[row["status"]] += 1
+        if row["status"] != "converted":
+            reasons[f"{row['status']}: {row['reason']}"] += 1
+    return {
+        "files": len(files), **counts, "volumes": len(volumes),
+        "voxels": int(sum(int(np.prod(v["shape"])) for v in volumes)),
+        "top_reasons": sorted(reasons.items(), key=lambda kv: -kv[1])[:10],
+    }
+
+
+def default_scratch() -> str:
+    return tempfile.mkdtemp(prefix="voxelflow-scratch-")
+
+
+def check_accounting(entries: list[InputFile], files: list[dict]) -> None:
+    """Every input has exactly one row. A violation is a bug in voxelflow: fail loudly."""
+    want = sorted((e.source, e.path) for e in entries)
+    got = sorted((r["source"], r["path"]) for r in files)
+    if want != got:
+        missing = sorted(set(want) - set(got))[:5]
+        extra = sorted(set(got) - set(want))[:5]
+        dup = len(got) - len(set(got))
+        raise RuntimeError(f"file accounting broken: missing {missing}, unexpected {extra}, "
+                           f"{dup} duplicate rows")
+

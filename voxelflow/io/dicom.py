@@ -1,0 +1,400 @@
+"""DICOM: header scanning, series assembly and pixel loading.
+
+Three steps, each a pure function so it runs anywhere (a Dask worker, a test, a notebook):
+
+1. :func:`scan_dicom` reads one file's header (no pixel data) into a flat
+   :class:`dict` record holding technical values and keyed pseudonyms only.
+2. :func:`plan_series` takes the records of one series and splits them into stacks
+   (:class:`StackPlan`): one orientation and matrix, one image per slice position, slices
+   sorted along the normal and evenly spaced. Anything inconsistent raises
+   :class:`~voxelflow.errors.SeriesAssemblyError` with the reason.
+3. :func:`load_stack` decodes the pixels of a planned stack, applies the modality rescale and
+   returns a lossless array.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from voxelflow.deid import TECHNICAL_ATTRIBUTES, pseudonym
+from voxelflow.errors import (
+    CorruptFileError,
+    NotAnImageError,
+    PixelDecodeError,
+    SeriesAssemblyError,
+    UnsupportedDataError,
+)
+from voxelflow.geometry import dicom_affine, slice_normal
+
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+UNCOMPRESSED_SYNTAXES = {
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian
+}
+
+# Tolerances for stacking. Positions are written as decimal strings of at most 16
+# characters, so exact equality cannot be expected; anything beyond these is real.
+ORIENTATION_TOL = 1e-4  # direction cosine components
+POSITION_TOL_MM = 0.01  # absolute, mm
+SPACING_REL_TOL = 0.005  # relative deviation of one gap from the mean gap
+
+
+def _float_list(ds: pydicom.Dataset, keyword: str, n: int) -> list[float] | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        values = [float(v) for v in (value if isinstance(value, (list, tuple, pydicom.multival.MultiValue)) else [value])]
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == n else None
+
+
+def _float(ds: pydicom.Dataset, keyword: str) -> float | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+            value = value[0]
+        return float(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _int(ds: pydicom.Dataset, keyword: str) -> int | None:
+    value = _float(ds, keyword)
+    return None if value is None else int(round(value))
+
+
+def _technical_attributes(ds: pydicom.Dataset) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for keyword in TECHNICAL_ATTRIBUTES:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        if isinstance(value, pydicom.multival.MultiValue):
+            value = [str(v) for v in value]
+        elif isinstance(value, (pydicom.valuerep.DSfloat, pydicom.valuerep.IS, float, int)):
+            value = float(value)
+        else:
+            value = str(value)
+        out[keyword] = value
+    return out
+
+
+def looks_like_dicom(head: bytes) -> bool:
+    """True for a Part 10 file (``DICM`` at 128) or a bare dataset starting with a group
+    0002/0008 tag (some old exports omit the preamble)."""
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return True
+    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00") and head[3:4] == b"\x00"
+
+
+def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
+    """Read one DICOM file's header into a de-identified record.
+
+    Args:
+        local: where to read the file.
+        path: the file's path relative to its source root (for messages).
+        key: the store's pseudonymisation key.
+
+    Returns:
+        A flat record (see the module docstring); identifiers appear only as pseudonyms.
+
+    Raises:
+        CorruptFileError: the file cannot be parsed or is truncated.
+        NotAnImageError: a DICOM object without pixel data (DICOMDIR, SR, RTSTRUCT, ...).
+        UnsupportedDataError: an image voxelflow does not convert (yet).
+    """
+    try:
+        ds = pydicom.dcmread(local, defer_size=256, force=True)
+        # Touch the elements we need now: a truncated header fails here, not later.
+        sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError,
+            AttributeError, OverflowError, IndexError) as exc:
+        raise CorruptFileError(path, f"DICOM header cannot be parsed ({type(exc).__name__}: {exc})") from None
+    if len(ds) == 0:
+        raise CorruptFileError(path, "no DICOM data elements could be read")
+    if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
+        raise NotAnImageError(path, "DICOMDIR (media directory index, holds no image)")
+    pixel_kw = next((kw for kw in PIXEL_KEYWORDS if kw in ds), None)
+    if pixel_kw is None:
+        name = pydicom.uid.UID(sop_class).name if sop_class else "unknown SOP class"
+        raise NotAnImageError(path, f"no pixel data (SOP class: {name})")
+    series_uid = str(ds.get("SeriesInstanceUID", "") or "")
+    if not series_uid:
+        raise CorruptFileError(path, "SeriesInstanceUID is missing; the image cannot be grouped into a series")
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    if not rows or not cols:
+        raise CorruptFileError(path, f"Rows/Columns missing or zero (Rows={rows}, Columns={cols})")
+
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else ""
+    samples = _int(ds, "SamplesPerPixel") or 1
+    bits = _int(ds, "BitsAllocated") or 0
+    frames = _int(ds, "NumberOfFrames") or 1
+    # A truncated file still parses with deferred pixel data; check the byte count.
+    raw = ds.get_item(pixel_kw)
+    length = getattr(raw, "length", None)
+    tell = getattr(raw, "value_tell", None)
+    size = os.path.getsize(local)
+    if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
+        raise CorruptFileError(
+            path, f"file is truncated: {pixel_kw} needs {length} bytes from offset {tell}, "
+                  f"the file has {size} bytes")
+    if pixel_kw == "PixelData" and syntax in UNCOMPRESSED_SYNTAXES and length not in (None, 0xFFFFFFFF):
+        expected = rows * cols * samples * frames * bits // 8
+        if length < expected:
+            raise CorruptFileError(
+                path, f"PixelData holds {length} bytes, expected {expected} "
+                      f"({rows}x{cols}x{samples} samples x {frames} frames x {bits} bits)")
+
+    image_type = ds.get("ImageType")
+    image_type = "\\".join(str(v) for v in image_type) if image_type else ""
+    patient_key = str(ds.get("PatientID", "") or "")
+    if not patient_key:
+        patient_key = f"{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
+    if patient_key in ("", "|"):
+        patient_key = "study:" + str(ds.get("StudyInstanceUID", "") or series_uid)
+    study_uid = str(ds.get("StudyInstanceUID", "") or "")
+    sop_uid = str(ds.get("SOPInstanceUID", "") or "")
+    return {
+        "series": pseudonym(key, "series", series_uid),
+        "patient": pseudonym(key, "patient", patient_key),
+        "study": pseudonym(key, "study", study_uid or series_uid),
+        "instance": pseudonym(key, "instance", sop_uid) if sop_uid else "",
+        "modality": str(ds.get("Modality", "") or "OT"),
+        "sop_class": pydicom.uid.UID(sop_class).name if sop_class else "",
+        "transfer_syntax": syntax,
+        "rows": rows,
+        "cols": cols,
+        "samples": samples,
+        "bits_allocated": bits,
+        "pixel_representation": _int(ds, "PixelRepresentation") or 0,
+        "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
+        "frames": frames,
+        "orientation": _float_list(ds, "ImageOrientationPatient", 6),
+        "position": _float_list(ds, "ImagePositionPatient", 3),
+        "pixel_spacing": _float_list(ds, "PixelSpacing", 2),
+        "slice_thickness": _float(ds, "SliceThickness"),
+        "spacing_between_slices": _float(ds, "SpacingBetweenSlices"),
+        "instance_number": _int(ds, "InstanceNumber"),
+        "acquisition_number": _int(ds, "AcquisitionNumber"),
+        "echo_number": _int(ds, "EchoNumbers"),
+        "temporal_position": _int(ds, "TemporalPositionIdentifier"),
+        "image_type": image_type,
+        "rescale_slope": _float(ds, "RescaleSlope"),
+        "rescale_intercept": _float(ds, "RescaleIntercept"),
+        "attributes": json.dumps(_technical_attributes(ds), sort_keys=True),
+    }
+
+
+# ----------------------------------------------------------------------------- assembly
+
+
+@dataclass
+class StackPlan:
+    """One volume to build: files in slice order and the geometry they share."""
+
+    series: str
+    label: str  # what distinguishes this stack inside its series ("" when it is the only one)
+    files: list[dict[str, Any]]  # records with "source", "path", "local", sorted along the normal
+    shape: tuple[int, int, int]  # (slices, rows, cols)
+    affine: np.ndarray  # RAS, index (col, row, slice)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _geometry_key(rec: dict[str, Any]) -> tuple:
+    orient = tuple(round(v / ORIENTATION_TOL) for v in rec["orientation"])
+    spacing = tuple(round(v, 4) for v in rec["pixel_spacing"])
+    return (orient, rec["rows"], rec["cols"], spacing)
+
+
+def _describe_key(key: tuple, n_keys: int) -> str:
+    orient, rows, cols, spacing = key
+    return f"{rows}x{cols} @ {spacing[0]:g}x{spacing[1]:g} mm, orientation " + \
+        ",".join(f"{v * ORIENTATION_TOL:.3f}" for v in orient) if n_keys > 1 else ""
+
+
+# Attributes that tell apart several images at one slice position, in the order tried.
+_DISTINGUISHERS = ("echo_number", "image_type", "acquisition_number", "temporal_position")
+
+
+def _positions_unique(recs: list[dict[str, Any]], normal: np.ndarray) -> bool:
+    d = sorted(float(np.dot(normal, r["position"])) for r in recs)
+    return all(b - a > POSITION_TOL_MM for a, b in zip(d, d[1:]))
+
+
+def _split_repeats(series: str, recs: list[dict[str, Any]], normal: np.ndarray) -> list[tuple[str, list]]:
+    if _positions_unique(recs, normal):
+        return [("", recs)]
+    for attr in _DISTINGUISHERS:
+        groups: dict[Any, list] = defaultdict(list)
+        for r in recs:
+            groups[r.get(attr)].append(r)
+        if len(groups) > 1 and all(_positions_unique(g, normal) for g in groups.values()):
+            return [(f"{attr}={k}", g) for k, g in sorted(groups.items(), key=lambda kv: str(kv[0]))]
+    counts = defaultdict(int)
+    for r in recs:
+        counts[round(float(np.dot(normal, r["position"])) / POSITION_TOL_MM)] += 1
+    worst = max(counts.values())
+    raise SeriesAssemblyError(
+        f"series {series}",
+        f"{len(recs)} images over {len(counts)} slice positions (up to {worst} at one position) "
+        f"and no attribute ({', '.join(_DISTINGUISHERS)}) separates them into stacks")
+
+
+def _build_stack(series: str, label: str, recs: list[dict[str, Any]], normal: np.ndarray) -> StackPlan:
+    first = recs[0]
+    if len({(r["bits_allocated"], r["pixel_representation"], r["samples"]) for r in recs}) > 1:
+        raise SeriesAssemblyError(f"series {series}", "images differ in BitsAllocated / PixelRepresentation / SamplesPerPixel")
+    warnings: list[str] = []
+    recs = sorted(recs, key=lambda r: float(np.dot(normal, r["position"])))
+    pos = np.array([r["position"] for r in recs], dtype=np.float64)
+    n = len(recs)
+    if n == 1:
+        thickness = first.get("spacing_between_slices") or first.get("slice_thickness")
+        if not thickness:
+            thickness = 1.0
+            warnings.append("single slice without SliceThickness: slice spacing set to 1 mm")
+        step = normal * float(thickness)
+    else:
+        gaps = np.diff(pos @ normal)
+        mean_gap = float(gaps.mean())
+        dev = np.abs(gaps - mean_gap)
+        tol = max(POSITION_TOL_MM, SPACING_REL_TOL * mean_gap)
+        if dev.max() > tol:
+            bad = int(np.argmax(dev))
+            raise SeriesAssemblyError(
+                f"series {series}" + (f" [{label}]" if label else ""),
+                f"slices are not evenly spaced: gap {gaps[bad]:.4g} mm between slices {bad} and {bad + 1} "
+                f"differs from the mean gap {mean_gap:.4g} mm (tolerance {tol:.3g} mm); "
+                f"gaps seen: {sorted({round(float(g), 3) for g in gaps})[:6]}")
+        step = (pos[-1] - pos[0]) / (n - 1)
+        # Every position must lie on the line from the first to the last slice.
+        line = pos[0] + np.outer(np.arange(n), step)
+        off = np.linalg.norm(pos - line, axis=1).max()
+        if off > max(POSITION_TOL_MM, SPACING_REL_TOL * float(np.linalg.norm(step))):
+            raise SeriesAssemblyError(
+                f"series {series}" + (f" [{label}]" if label else ""),
+                f"slice positions are not collinear: a slice lies {off:.3g} mm off the line "
+                "through the first and last slice")
+        thickness = first.get("slice_thickness")
+        if thickness and abs(thickness - abs(mean_gap)) > 0.01 + 0.01 * thickness:
+            warnings.append(f"slice spacing {abs(mean_gap):.4g} mm (from positions) differs from "
+                            f"SliceThickness {thickness:.4g} mm; positions used")
+        tilt = np.degrees(np.arccos(min(1.0, abs(float(np.dot(step, normal))) / np.linalg.norm(step))))
+        if tilt > 0.01:
+            warnings.append(f"gantry tilt / shear of {tilt:.2f} degrees: stored with its true sheared geometry")
+    affine = dicom_affine(first["orientation"], pos[0], first["pixel_spacing"], step)
+    return StackPlan(series=series, label=label, files=recs,
+                     shape=(n, first["rows"], first["cols"]), affine=affine, warnings=warnings)
+
+
+def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
+    """Split one series' records into consistent stacks.
+
+    Raises:
+        SeriesAssemblyError: the images cannot be stacked consistently (the reason says why).
+        UnsupportedDataError: the series uses a feature not converted yet (multi-frame, color).
+    """
+    if any(r["frames"] > 1 for r in records):
+        raise UnsupportedDataError(f"series {series}", "multi-frame images (NumberOfFrames > 1) are not converted yet")
+    if any(r["samples"] != 1 for r in records):
+        raise UnsupportedDataError(
+            f"series {series}", f"color images (SamplesPerPixel={records[0]['samples']}, "
+                                f"{records[0]['photometric']}) are not a volume")
+    missing = [r["path"] for r in records if not r["orientation"] or not r["position"] or not r["pixel_spacing"]]
+    if missing:
+        raise SeriesAssemblyError(
+            f"series {series}",
+            f"{len(missing)} image(s) lack ImageOrientationPatient/ImagePositionPatient/PixelSpacing "
+            f"(e.g. {missing[0]}); geometry cannot be derived")
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in records:
+        groups[_geometry_key(r)].append(r)
+    plans: list[StackPlan] = []
+    for key in sorted(groups, key=lambda k: (-len(groups[k]), str(k))):
+        recs = groups[key]
+        normal = slice_normal(recs[0]["orientation"])
+        base = _describe_key(key, len(groups))
+        for label, sub in _split_repeats(series, recs, normal):
+            full = "; ".join(x for x in (base, label) if x)
+            plans.append(_build_stack(series, full, sub, normal))
+    return plans
+
+
+# ----------------------------------------------------------------------------- pixels
+
+
+def _read_pixels(local: str, path: str) -> tuple[np.ndarray, float, float]:
+    try:
+        ds = pydicom.dcmread(local, force=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is this file's fault
+        raise CorruptFileError(path, f"DICOM cannot be re-read ({type(exc).__name__}: {exc})") from None
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # noqa: BLE001 - decoders raise many types
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        name = syntax.name if syntax is not None else "unknown transfer syntax"
+        raise PixelDecodeError(path, f"pixel data cannot be decoded ({name}): {type(exc).__name__}: {exc}") from None
+    slope = _float(ds, "RescaleSlope")
+    intercept = _float(ds, "RescaleIntercept")
+    return arr, (1.0 if slope is None else slope), (0.0 if intercept is None else intercept)
+
+
+def _lossless_dtype(lo: float, hi: float, integral: bool) -> np.dtype:
+    if integral:
+        for dt in (np.int16, np.uint16, np.int32):
+            info = np.iinfo(dt)
+            if info.min <= lo and hi <= info.max:
+                return np.dtype(dt)
+        return np.dtype(np.int64)
+    return np.dtype(np.float32)
+
+
+def load_stack(plan: StackPlan) -> np.ndarray:
+    """Decode and rescale the pixels of a planned stack into a ``(slices, rows, cols)`` array.
+
+    The dtype is the smallest that holds the rescaled values exactly: int16 when they fit,
+    else uint16 / int32; float32 when slope or intercept are fractional and float32 is exact,
+    else float64.
+
+    Raises:
+        PixelDecodeError / CorruptFileError: a file's pixels cannot be read (names the file).
+    """
+    raws: list[np.ndarray] = []
+    scales: list[tuple[float, float]] = []
+    for rec in plan.files:
+        arr, slope, intercept = _read_pixels(rec["local"], rec["path"])
+        if arr.shape != plan.shape[1:]:
+            raise SeriesAssemblyError(rec["path"], f"pixel array shape {arr.shape} differs from "
+                                                   f"Rows x Columns {plan.shape[1:]}")
+        raws.append(arr)
+        scales.append((slope, intercept))
+    integral = all(float(s).is_integer() and float(i).is_integer() for s, i in scales) \
+        and all(a.dtype.kind in "iu" for a in raws)
+    lo = min(min(float(a.min()) * s, float(a.max()) * s) + i for a, (s, i) in zip(raws, scales))
+    hi = max(max(float(a.min()) * s, float(a.max()) * s) + i for a, (s, i) in zip(raws, scales))
+    dtype = _lossless_dtype(lo, hi, integral)
+    out = np.empty(plan.shape, dtype=dtype)
+    for k, (a, (s, i)) in enumerate(zip(raws, scales)):
+        if integral:
+            out[k] = a.astype(np.int64) * int(s) + int(i) if (s != 1 or i != 0) else a
+        else:
+            exact = a.astype(np.float64) * s + i
+            if dtype == np.float32 and not np.array_equal(exact.astype(np.float32), exact):
+                out = out.astype(np.float64)
+                dtype = np.dtype(np.float64)
+            out[k] = exact
+    return out

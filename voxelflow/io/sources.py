@@ -1,0 +1,156 @@
+"""Sources: folders, single files, zip and tar archives, as a flat list of input files.
+
+Archives are unpacked into a scratch folder (outside the store) so every later stage reads
+plain local files. Each input keeps the path relative to its source root, which is what the
+catalog records. Members that cannot be unpacked safely are returned as rejected entries with
+a reason, so they are still accounted for.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import shutil
+import stat
+import tarfile
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from voxelflow.errors import SourceError
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+@dataclass(frozen=True)
+class InputFile:
+    """One input file.
+
+    Attributes:
+        source: the source as the user gave it (folder, archive or file).
+        path: posix path relative to the source root (the member name for archives).
+        local: where the bytes can be read now ("" when the entry was rejected).
+        reason: why the entry was rejected before reading, or "" when it is readable.
+    """
+
+    source: str
+    path: str
+    local: str
+    reason: str = ""
+
+
+def is_archive(path: str | os.PathLike) -> bool:
+    name = str(path).lower()
+    return name.endswith(ARCHIVE_SUFFIXES)
+
+
+def _safe_member_name(name: str) -> str | None:
+    """Normalised relative member path, or None if it would escape the extraction folder."""
+    name = name.replace("\\", "/")
+    if name.startswith("/") or (len(name) > 1 and name[1] == ":"):
+        return None
+    norm = posixpath.normpath(name)
+    if norm in ("", ".") or norm == ".." or norm.startswith("../"):
+        return None
+    return norm
+
+
+def _walk_folder(source: str, root: Path) -> Iterator[InputFile]:
+    entries: list[InputFile] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
+                                                onerror=None):
+        dirnames.sort()
+        for name in filenames:
+            full = Path(dirpath) / name
+            rel = full.relative_to(root).as_posix()
+            if full.is_symlink() and not full.exists():
+                entries.append(InputFile(source, rel, "", "broken symbolic link"))
+            else:
+                entries.append(InputFile(source, rel, str(full)))
+    entries.sort(key=lambda e: e.path)
+    yield from entries
+
+
+def _extract_zip(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
+    with zipfile.ZipFile(archive) as zf:
+        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+            if info.is_dir():
+                continue
+            safe = _safe_member_name(info.filename)
+            if safe is None:
+                yield InputFile(source, info.filename, "",
+                                "archive member path escapes the extraction folder; not extracted")
+                continue
+            mode = info.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                yield InputFile(source, safe, "", "symbolic link inside archive; not followed")
+                continue
+            target = dest / safe
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                with zf.open(info) as src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                yield InputFile(source, safe, "", f"cannot extract zip member: {exc}")
+                continue
+            yield InputFile(source, safe, str(target))
+
+
+def _extract_tar(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
+    with tarfile.open(archive, mode="r:*") as tf:
+        for member in tf:  # streaming: works for compressed tars without seeking back
+            if member.isdir():
+                continue
+            safe = _safe_member_name(member.name)
+            if safe is None:
+                yield InputFile(source, member.name, "",
+                                "archive member path escapes the extraction folder; not extracted")
+                continue
+            if member.issym() or member.islnk():
+                yield InputFile(source, safe, "", "link inside archive; not followed")
+                continue
+            if not member.isfile():
+                yield InputFile(source, safe, "", "special file (device or fifo) inside archive")
+                continue
+            target = dest / safe
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                src = tf.extractfile(member)
+                with src, open(target, "wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                yield InputFile(source, safe, "", f"cannot extract tar member: {exc}")
+                continue
+            yield InputFile(source, safe, str(target))
+
+
+def list_inputs(sources: list[str], scratch: str | os.PathLike) -> list[InputFile]:
+    """Every input file of every source, archives unpacked into ``scratch``.
+
+    A source that is an unreadable archive yields one rejected entry (the archive itself), so
+    it is accounted for and the other sources still run.
+
+    Raises:
+        SourceError: a source does not exist.
+    """
+    scratch = Path(scratch)
+    out: list[InputFile] = []
+    for n, source in enumerate(sources):
+        path = Path(source)
+        if not path.exists():
+            raise SourceError(f"source {source!r} does not exist")
+        if path.is_dir():
+            out.extend(_walk_folder(source, path))
+        elif is_archive(path):
+            dest = scratch / f"source-{n:04d}"
+            dest.mkdir(parents=True, exist_ok=True)
+            extract = _extract_zip if path.name.lower().endswith(".zip") else _extract_tar
+            try:
+                out.extend(extract(source, path, dest))
+            except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
+                out.append(InputFile(source, path.name, "",
+                                     f"archive cannot be read: {type(exc).__name__}: {exc}"))
+        else:
+            out.append(InputFile(source, path.name, str(path)))
+    return out
