@@ -145,8 +145,13 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
     frames = _int(ds, "NumberOfFrames") or 1
     # A truncated file still parses with deferred pixel data; check the byte count.
     raw = ds.get_item(pixel_kw)
+    # Deferred values come back raw (length + file offset); small ones already read.
     length = getattr(raw, "length", None)
     tell = getattr(raw, "value_tell", None)
+    if length is None and isinstance(getattr(raw, "value", None), (bytes, bytearray)):
+        length = len(raw.value)
+    if getattr(raw, "is_undefined_length", False):
+        length = 0xFFFFFFFF
     size = os.path.getsize(local)
     if tell is not None and length not in (None, 0xFFFFFFFF) and tell + length > size:
         raise CorruptFileError(

@@ -1,0 +1,121 @@
+"""The ingest flow: sources -> batched header scan -> series plans -> volumes -> catalog."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_API_URL, temporary_settings
+
+from flows.progress import RunProgress
+from tasks.ingest import convert_series, scan_headers
+from voxelflow import catalog, ingest
+from voxelflow.io.sources import list_inputs
+from voxelflow.runtime import dask_task_runner
+
+
+def _failed_rows(records, reason: str) -> list[dict]:
+    return [{"source": r.source if hasattr(r, "source") else r["source"],
+             "path": r.path if hasattr(r, "path") else r["path"],
+             "status": "failed", "reason": reason, "volume_id": None} for r in records]
+
+
+@flow(name="ingest", description="DICOM/NIfTI sources into an OME-Zarr store with a catalog")
+def ingest_flow(config: ingest.IngestConfig) -> dict:
+    """Ingest ``config.sources`` into ``config.store``; returns the run summary."""
+    log = get_run_logger()
+    ingest.prepare_store(config.store, config.secret_file)
+    scratch = Path(config.scratch) if config.scratch else Path(ingest.default_scratch())
+    own_scratch = config.scratch is None
+    try:
+        entries = list_inputs(config.sources, scratch / "unpacked")
+        log.info("%d input files from %d sources", len(entries), len(config.sources))
+        progress = RunProgress(2 * len(entries), "scanning headers")
+
+        # 1. Headers, in batches on the Dask workers.
+        batches = ingest.make_batches(entries, config.batch_size)
+        futures = {scan_headers.submit(b, config.store, config.secret_file,
+                                       str(scratch / "scan" / f"{i:06d}.parquet")): b
+                   for i, b in enumerate(batches)}
+        scan_tables: list[str] = []
+        files: list[dict] = []
+        for fut in as_completed(list(futures)):
+            result = fut.result(raise_on_failure=False)
+            if isinstance(result, BaseException):  # after retries: account for the files
+                files += _failed_rows(futures[fut], f"header scan failed: {type(result).__name__}: {result}")
+                progress.advance(2 * len(futures[fut]))
+            else:
+                scan_tables.append(result)
+                progress.advance(len(futures[fut]))
+
+        # 2. Plan: group by series; files settled by the scan get their rows now.
+        task_batches, settled = ingest.plan_jobs(sorted(scan_tables), config.files_per_task)
+        files += settled
+        progress.advance(len(settled))
+        progress.phase("converting series")
+
+        # 3. Convert, a batch of series per task.
+        conv = {convert_series.submit(jobs, config.store, config.secret_file, config.chunk): jobs
+                for jobs in task_batches}
+        volumes: list[dict] = []
+        for fut in as_completed(list(conv)):
+            jobs = conv[fut]
+            n = sum(len(j["records"]) for j in jobs)
+            result = fut.result(raise_on_failure=False)
+            if isinstance(result, BaseException):
+                recs = [r for j in jobs for r in j["records"]]
+                files += _failed_rows(recs, f"conversion failed: {type(result).__name__}: {result}")
+            else:
+                volumes += result["volumes"]
+                files += result["files"]
+            progress.advance(n)
+        progress.close()
+
+        ingest.check_accounting(entries, files)
+        catalog.update_catalog(config.store, volumes, files)
+        summary = ingest.summarize(volumes, files)
+    finally:
+        if own_scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    summary |= {"store": str(config.store), "flow_run_id": str(flow_run.id),
+                "ui_url": flow_run.ui_url}
+    create_table_artifact(
+        key="ingest-summary",
+        table=[{"metric": k, "value": summary[k]} for k in
+               ("files", "converted", "skipped", "failed", "volumes", "voxels")],
+        description=f"Ingest into {config.store}")
+    if summary["top_reasons"]:
+        create_table_artifact(
+            key="ingest-not-converted",
+            table=[{"reason": r, "files": n} for r, n in summary["top_reasons"]],
+            description="Most frequent reasons files were skipped or failed (full list: catalog/files.parquet)")
+    create_markdown_artifact(
+        key="ingest-catalog",
+        markdown=(f"### Ingest\n\nStore `{config.store}`: **{summary['volumes']} volumes** from "
+                  f"{summary['converted']} files; {summary['skipped']} skipped, "
+                  f"{summary['failed']} failed.\n\nCatalog: `catalog/volumes.parquet`, "
+                  f"`catalog/files.parquet`."))
+    log.info("ingest done: %d files, %d converted, %d skipped, %d failed, %d volumes",
+             summary["files"], summary["converted"], summary["skipped"], summary["failed"],
+             summary["volumes"])
+    return summary
+
+
+def run_ingest(config: ingest.IngestConfig, *, dask_address: str | None = None,
+               n_workers: int | None = None, api_url: str | None = None) -> dict:
+    """Run the ingest flow on Dask: an existing scheduler or a LocalCluster.
+
+    Args:
+        api_url: the Prefect API to report to; also exported to the Dask workers.
+    """
+    runner = dask_task_runner(dask_address, n_workers)
+    run = ingest_flow.with_options(task_runner=runner)
+    if api_url:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            return run(config)
+    return run(config)

@@ -1,0 +1,148 @@
+"""``voxelflow`` command line: ingest, export, demo, server."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from voxelflow.errors import ConfigurationError, SourceError, StoreError
+
+
+def _print_summary(summary: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"voxelflow ingest -> {summary['store']}")
+    table.add_column("files", justify="right")
+    table.add_column("converted", justify="right")
+    table.add_column("skipped", justify="right")
+    table.add_column("failed", justify="right")
+    table.add_column("volumes", justify="right")
+    table.add_row(*(str(summary[k]) for k in ("files", "converted", "skipped", "failed", "volumes")))
+    console.print(table)
+    for reason, n in summary["top_reasons"]:
+        console.print(f"  {n:>5} x {reason}", highlight=False, markup=False)
+    console.print(f"Run in the Prefect UI: {summary['ui_url']}", highlight=False)
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    missing = [s for s in args.sources if not Path(s).exists()]
+    if missing:
+        raise SourceError(f"source(s) not found: {', '.join(missing)}")
+    from voxelflow.ingest import IngestConfig, prepare_store
+    from voxelflow.runtime import ensure_prefect_api
+
+    config = IngestConfig(sources=[str(s) for s in args.sources], store=str(args.store),
+                          scratch=args.scratch, secret_file=args.secret_file,
+                          batch_size=args.batch_size, chunk=args.chunk)
+    prepare_store(config.store, config.secret_file)  # fail fast: unwritable store, missing key
+    api = ensure_prefect_api()
+    print(f"Prefect API: {api.api_url}" + (" (started a local server)" if api.started_here else ""),
+          file=sys.stderr)
+    from flows.ingest import run_ingest
+
+    summary = run_ingest(config, dask_address=args.dask_address, n_workers=args.workers,
+                         api_url=api.api_url)
+    _print_summary(summary)
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from voxelflow.export import export_nifti
+    from voxelflow.store import store_id
+
+    store_id(args.store)  # a clear error when it is not a store
+    paths = export_nifti(args.store, args.outdir, args.volume or None)
+    print(f"exported {len(paths)} volumes to {args.outdir}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from voxelflow.demo import build_demo_archive
+
+    work = Path(args.workdir)
+    sources = build_demo_archive(work / "sources")
+    print("demo sources:", *[str(s) for s in sources], sep="\n  ")
+    ns = argparse.Namespace(sources=sources, store=str(work / "store"), scratch=None,
+                            secret_file=None, batch_size=64, chunk=64,
+                            dask_address=args.dask_address, workers=args.workers, json=None)
+    cmd_ingest(ns)
+    cmd_export(argparse.Namespace(store=str(work / "store"), outdir=str(work / "nifti"), volume=None))
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from voxelflow import runtime
+
+    if args.action == "start":
+        api = runtime.start_local_server(port=args.port)
+        print(f"Prefect server {'started' if api.started_here else 'already running'}: UI {api.ui_url}")
+        print(f"export PREFECT_API_URL={api.api_url}")
+    elif args.action == "stop":
+        print("stopped" if runtime.stop_local_server() else "no local server was running")
+    else:
+        state = runtime.local_server_status()
+        print(json.dumps(state) if state else "no local server running")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="voxelflow", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add_dask(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--dask-address", default=os.environ.get("VOXELFLOW_DASK_ADDRESS"),
+                       help="existing Dask scheduler (default: $VOXELFLOW_DASK_ADDRESS, else a LocalCluster)")
+        p.add_argument("--workers", type=int, default=None,
+                       help="LocalCluster worker processes (default: one per core)")
+
+    p = sub.add_parser("ingest", help="DICOM/NIfTI folders, archives or files into a store")
+    p.add_argument("sources", nargs="+", metavar="SOURCE")
+    p.add_argument("--store", required=True)
+    p.add_argument("--scratch", default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument("--secret-file", default=os.environ.get("VOXELFLOW_SECRET_FILE"),
+                   help="de-identification key (default: $VOXELFLOW_HOME/keys/<store id>.key)")
+    p.add_argument("--batch-size", type=int, default=256, help="files per header-scan task")
+    p.add_argument("--chunk", type=int, default=64, help="chunk edge in voxels")
+    p.add_argument("--json", default=None, help="also write the run summary to this file")
+    add_dask(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("export", help="write each stored volume as OUTDIR/<volume_id>.nii.gz")
+    p.add_argument("store")
+    p.add_argument("outdir")
+    p.add_argument("--volume", action="append", help="export only this volume (repeatable)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("demo", help="build a sample archive from real test files, ingest it, export NIfTI")
+    p.add_argument("--workdir", default="demo-output")
+    add_dask(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("server", help="voxelflow's local Prefect server")
+    p.add_argument("action", choices=["start", "stop", "status"])
+    p.add_argument("--port", type=int, default=None)
+    p.set_defaults(func=cmd_server)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (SourceError, StoreError, ConfigurationError) as exc:
+        print(f"voxelflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
