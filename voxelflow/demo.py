@@ -9,9 +9,7 @@ import tarfile
 import zipfile
 from pathlib import Path
 
-import numpy as np
-
-from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
+from voxelflow.phantom import SeriesSpec, ct_phantom, oblique_orientation, write_ct_series
 
 
 def _pydicom_files() -> Path:
@@ -39,10 +37,9 @@ def build_demo_archive(outdir: str | Path, shape: tuple[int, int, int] = (80, 19
     hu = ct_phantom(shape, spacing=(2.5, 0.8, 0.8), seed=1)
     axial = SeriesSpec(series_number=1, origin=(-76.8, -76.8, -100.0))
     write_ct_series(hu, study / "axial", axial)
-    c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
-    oblique = SeriesSpec(series_number=2, study_uid=axial.study_uid, orientation=(c, s, 0, 0, c, -s),
+    oblique = SeriesSpec(series_number=2, study_uid=axial.study_uid, orientation=oblique_orientation(20, 25),
                          origin=(-70.0, -80.0, -90.0), slice_spacing=3.0, descending=True)
-    write_ct_series(hu[::2, ::2, ::2][:, :, :], study / "oblique", oblique)
+    write_ct_series(hu[::2, ::2, ::2], study / "oblique", oblique)
     (study / "README.txt").write_text("Export from the demo PACS.\n")
     first = sorted((study / "axial").iterdir())[0].read_bytes()
     (study / "broken").mkdir()

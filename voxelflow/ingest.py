@@ -227,6 +227,8 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         unique.append(rec)
     try:
         plans = plan_series(series, unique)
+    except NotAnImageError as exc:
+        return [], file_rows + [_file_row(r, "skipped", str(exc)) for r in unique]
     except InvalidInputError as exc:
         return [], file_rows + [_file_row(r, "failed", str(exc)) for r in unique]
     for plan in plans:
@@ -312,3 +314,31 @@ def check_accounting(entries: list[InputFile], files: list[dict]) -> None:
         raise RuntimeError(f"file accounting broken: missing {missing}, unexpected {extra}, "
                            f"{dup} duplicate rows")
 
+
+
+def run_local(config: IngestConfig) -> dict[str, Any]:
+    """The whole ingest in this process, without Prefect or Dask: the reference the flow is
+    tested against, and handy in a notebook. Same store, catalog and accounting."""
+    import shutil
+
+    from voxelflow.io.sources import list_inputs
+
+    prepare_store(config.store, config.secret_file)
+    key = store_key(config.store, config.secret_file)
+    scratch = Path(config.scratch or default_scratch())
+    try:
+        entries = list_inputs(config.sources, scratch / "unpacked")
+        tables = [scan_batch(b, key, str(scratch / "scan" / f"{i:06d}.parquet"))
+                  for i, b in enumerate(make_batches(entries, config.batch_size))]
+        task_batches, files = plan_jobs(tables, config.files_per_task)
+        volumes: list[dict] = []
+        for jobs in task_batches:
+            rows = convert_jobs(config.store, key, jobs, config.chunk)
+            volumes += rows["volumes"]
+            files += rows["files"]
+        check_accounting(entries, files)
+        catalog.update_catalog(config.store, volumes, files)
+    finally:
+        if not config.scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    return summarize(volumes, files) | {"store": config.store}

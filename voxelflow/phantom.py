@@ -42,6 +42,15 @@ def ct_phantom(shape: tuple[int, int, int], spacing: Sequence[float] = (2.5, 0.8
     return np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
 
 
+def oblique_orientation(about_z_deg: float, about_x_deg: float = 0.0) -> tuple[float, ...]:
+    """ImageOrientationPatient of an axial plane rotated about z, then about x (degrees)."""
+    a, b = np.radians(about_z_deg), np.radians(about_x_deg)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    r = rx @ rz
+    return tuple(float(v) for v in np.concatenate([r[:, 0], r[:, 1]]))
+
+
 @dataclass
 class SeriesSpec:
     """Geometry and identity of a generated series."""
@@ -56,6 +65,7 @@ class SeriesSpec:
     patient_id: str = "DEMO-0001"
     study_uid: str = field(default_factory=generate_uid)
     series_uid: str = field(default_factory=generate_uid)
+    frame_uid: str = field(default_factory=generate_uid)
     series_number: int = 1
     extra: dict = field(default_factory=dict)  # more attributes, set on every file
 
@@ -89,7 +99,7 @@ def write_ct_series(volume_hu: np.ndarray, outdir: str | os.PathLike, spec: Seri
         ds.PatientSex = "O"
         ds.StudyInstanceUID = spec.study_uid
         ds.SeriesInstanceUID = spec.series_uid
-        ds.FrameOfReferenceUID = spec.study_uid + ".1"
+        ds.FrameOfReferenceUID = spec.frame_uid
         ds.StudyDate = ds.SeriesDate = "20250101"
         ds.StudyTime = "120000"
         ds.AccessionNumber = "ACC0001"

@@ -311,12 +311,13 @@ def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
 
     Raises:
         SeriesAssemblyError: the images cannot be stacked consistently (the reason says why).
-        UnsupportedDataError: the series uses a feature not converted yet (multi-frame, color).
+        UnsupportedDataError: the series uses a feature not converted yet (multi-frame).
+        NotAnImageError: color images (screen captures, photos): not a volume.
     """
     if any(r["frames"] > 1 for r in records):
         raise UnsupportedDataError(f"series {series}", "multi-frame images (NumberOfFrames > 1) are not converted yet")
     if any(r["samples"] != 1 for r in records):
-        raise UnsupportedDataError(
+        raise NotAnImageError(
             f"series {series}", f"color images (SamplesPerPixel={records[0]['samples']}, "
                                 f"{records[0]['photometric']}) are not a volume")
     missing = [r["path"] for r in records if not r["orientation"] or not r["position"] or not r["pixel_spacing"]]
@@ -325,6 +326,14 @@ def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
             f"series {series}",
             f"{len(missing)} image(s) lack ImageOrientationPatient/ImagePositionPatient/PixelSpacing "
             f"(e.g. {missing[0]}); geometry cannot be derived")
+    for r in records:
+        row, col = np.asarray(r["orientation"][:3]), np.asarray(r["orientation"][3:])
+        if abs(np.linalg.norm(row) - 1) > 1e-3 or abs(np.linalg.norm(col) - 1) > 1e-3 \
+                or abs(float(row @ col)) > 1e-3:
+            raise SeriesAssemblyError(
+                r["path"], f"ImageOrientationPatient {r['orientation']} is not two orthogonal unit "
+                           f"vectors (|row|={np.linalg.norm(row):.4f}, |col|={np.linalg.norm(col):.4f}, "
+                           f"row.col={float(row @ col):.4f})")
     groups: dict[tuple, list] = defaultdict(list)
     for r in records:
         groups[_geometry_key(r)].append(r)

@@ -1,0 +1,72 @@
+"""Shared fixtures: real test data shipped by PyPI packages, dcm2niix, a Prefect test server."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pydicom.data
+import pytest
+
+PYDICOM_DATA = Path(pydicom.data.get_testdata_file("MR_small.dcm")).parent
+NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _voxelflow_home(tmp_path_factory):
+    """Keys and local servers of the tests live in a temporary home, never the user's."""
+    home = tmp_path_factory.mktemp("voxelflow-home")
+    old = os.environ.get("VOXELFLOW_HOME")
+    os.environ["VOXELFLOW_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("VOXELFLOW_HOME", None)
+    else:
+        os.environ["VOXELFLOW_HOME"] = old
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real Prefect server (the test harness), exported to the environment so that Dask
+    worker processes report to it instead of starting temporary servers of their own."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        url = PREFECT_API_URL.value()
+        old = os.environ.get("PREFECT_API_URL")
+        os.environ["PREFECT_API_URL"] = url
+        try:
+            yield url
+        finally:
+            if old is None:
+                os.environ.pop("PREFECT_API_URL", None)
+            else:
+                os.environ["PREFECT_API_URL"] = old
+
+
+def dcm2niix(folder: Path, outdir: Path) -> list[Path]:
+    """Convert a folder with the reference converter; returns the NIfTI files it wrote."""
+    import dcm2niix as d2n
+
+    outdir.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([d2n.bin, "-z", "n", "-b", "n", "-f", "%s_%j_%p", "-o", str(outdir), str(folder)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return sorted(outdir.glob("*.nii"))
+
+
+def canonical(path_or_img) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (scaled) and affine after reorienting to the closest canonical orientation."""
+    img = nib.load(path_or_img) if isinstance(path_or_img, (str, Path)) else path_or_img
+    img = nib.as_closest_canonical(img)
+    return np.asarray(img.get_fdata(dtype=np.float64)), img.affine
+
+
+def ingest_config(sources, store, **kw):
+    from voxelflow.ingest import IngestConfig
+
+    return IngestConfig(sources=[str(s) for s in sources], store=str(store), **kw)
