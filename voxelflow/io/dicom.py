@@ -128,10 +128,12 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
         raise CorruptFileError(path, "no DICOM data elements could be read")
     if sop_class == DICOMDIR_SOP_CLASS or "DirectoryRecordSequence" in ds:
         raise NotAnImageError(path, "DICOMDIR (media directory index, holds no image)")
+    if not sop_class:
+        raise CorruptFileError(path, "neither SOPClassUID nor MediaStorageSOPClassUID could be read: "
+                                     "not a valid DICOM object")
     pixel_kw = next((kw for kw in PIXEL_KEYWORDS if kw in ds), None)
     if pixel_kw is None:
-        name = pydicom.uid.UID(sop_class).name if sop_class else "unknown SOP class"
-        raise NotAnImageError(path, f"no pixel data (SOP class: {name})")
+        raise NotAnImageError(path, f"no pixel data (SOP class: {pydicom.uid.UID(sop_class).name})")
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not series_uid:
         raise CorruptFileError(path, "SeriesInstanceUID is missing; the image cannot be grouped into a series")

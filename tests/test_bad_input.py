@@ -1,0 +1,185 @@
+"""Bad input: a typed error naming the file or series, recorded, and the run goes on with
+every input file accounted for exactly once."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import shutil
+import tarfile
+import zipfile
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.conftest import NIBABEL_DATA, PYDICOM_DATA, ingest_config
+from voxelflow.errors import (
+    CorruptFileError,
+    NotAnImageError,
+    PixelDecodeError,
+    SeriesAssemblyError,
+)
+from voxelflow.ingest import run_local
+from voxelflow.io.dicom import load_stack, plan_series, scan_dicom
+from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
+
+KEY = b"k" * 32
+
+
+def _broken_j2k(path):
+    data = bytearray((PYDICOM_DATA / "MR_small_jp2klossless.dcm").read_bytes())
+    soc = data.find(b"\xff\x4f\xff\x51")  # start of the JPEG 2000 codestream
+    data[soc + 4: soc + 40] = b"\xff" * 36
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _record(path, name):
+    return scan_dicom(str(path), name, KEY) | {"source": "s", "path": name, "local": str(path)}
+
+
+# ----------------------------------------------------------------- one raise per class
+
+
+def test_truncated_dicom_raises_corrupt_file():
+    with pytest.raises(CorruptFileError, match=r"MR_truncated\.dcm: PixelData holds 8130 bytes, expected 8192"):
+        scan_dicom(str(PYDICOM_DATA / "MR_truncated.dcm"), "MR_truncated.dcm", KEY)
+
+
+def test_garbage_after_dicm_magic_raises_corrupt_file(tmp_path):
+    path = tmp_path / "garbage.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 3)
+    with pytest.raises(CorruptFileError, match=r"garbage\.dcm: .*not a valid DICOM object"):
+        scan_dicom(str(path), "garbage.dcm", KEY)
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("dicomdirtests/DICOMDIR", r"DICOMDIR \(media directory index"),
+    ("test-SR.dcm", r"no pixel data \(SOP class: Comprehensive SR Storage\)"),
+    ("rtstruct.dcm", r"no pixel data \(SOP class: RT Structure Set Storage\)"),
+])
+def test_objects_without_pixels_are_not_images(name, reason):
+    with pytest.raises(NotAnImageError, match=reason):
+        scan_dicom(str(PYDICOM_DATA / name), name, KEY)
+
+
+def test_undecodable_pixel_data_raises_pixel_decode_error(tmp_path):
+    rec = _record(_broken_j2k(tmp_path / "broken_j2k.dcm"), "broken_j2k.dcm")
+    (plan,) = plan_series(rec["series"], [rec])
+    with pytest.raises(PixelDecodeError, match=r"broken_j2k\.dcm: pixel data cannot be decoded \(JPEG 2000"):
+        load_stack(plan)
+
+
+def test_missing_slice_is_a_series_assembly_error(tmp_path):
+    paths = write_ct_series(ct_phantom((6, 16, 16)), tmp_path, SeriesSpec())
+    paths[2].unlink()
+    recs = [_record(p, p.name) for p in paths if p.exists()]
+    with pytest.raises(SeriesAssemblyError, match=r"series S-\w+: slices are not evenly spaced: gap 5 mm"):
+        plan_series(recs[0]["series"], recs)
+
+
+def test_two_images_at_one_position_without_distinguisher_is_an_error(tmp_path):
+    spec = SeriesSpec()
+    a = write_ct_series(ct_phantom((3, 16, 16), seed=1), tmp_path / "a", spec)
+    b = write_ct_series(ct_phantom((3, 16, 16), seed=2), tmp_path / "b", spec)
+    recs = [_record(p, f"{p.parent.name}/{p.name}") for p in a + b]
+    with pytest.raises(SeriesAssemblyError, match=r"6 images over 3 slice positions \(up to 2 at one position\)"):
+        plan_series(recs[0]["series"], recs)
+
+
+def test_images_at_one_position_split_by_echo_number(tmp_path):
+    first = SeriesSpec(extra={"EchoNumbers": 1})
+    a = write_ct_series(ct_phantom((3, 16, 16), seed=1), tmp_path / "a", first)
+    second = SeriesSpec(extra={"EchoNumbers": 2}, series_uid=first.series_uid, study_uid=first.study_uid)
+    b = write_ct_series(ct_phantom((3, 16, 16), seed=2), tmp_path / "b", second)
+    recs = [_record(p, f"{p.parent.name}/{p.name}") for p in a + b]
+    plans = plan_series(recs[0]["series"], recs)
+    assert [p.label for p in plans] == ["echo_number=1", "echo_number=2"]
+    assert all(p.shape == (3, 16, 16) for p in plans)
+
+
+# ----------------------------------------------------------------- the run goes on
+
+
+def _bad_archive(root):
+    """A source holding one example of every bad-input class next to one good series."""
+    src = root / "src"
+    write_ct_series(ct_phantom((4, 16, 16)), src / "good", SeriesSpec())
+    gap = write_ct_series(ct_phantom((5, 16, 16)), src / "gap", SeriesSpec())
+    gap[2].unlink()
+    shutil.copy(PYDICOM_DATA / "MR_truncated.dcm", src / "truncated.dcm")
+    (src / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 3)
+    (src / "notes.txt").write_text("not an image")
+    (src / "empty.dcm").write_bytes(b"")
+    shutil.copy(PYDICOM_DATA / "dicomdirtests" / "DICOMDIR", src / "DICOMDIR")
+    shutil.copy(PYDICOM_DATA / "test-SR.dcm", src / "report.dcm")
+    shutil.copy(PYDICOM_DATA / "rtstruct.dcm", src / "rtstruct.dcm")
+    shutil.copy(PYDICOM_DATA / "SC_rgb_rle.dcm", src / "screenshot.dcm")
+    _broken_j2k(src / "broken_j2k.dcm")
+    data = gzip.compress((NIBABEL_DATA / "anatomical.nii").read_bytes())
+    (src / "corrupt.nii.gz").write_bytes(data[: len(data) // 2])
+    (src / "fake.nii").write_text("this is not nifti")
+    # A zip with a path-traversal member and a symlink member, next to a good file.
+    zpath = root / "hostile.zip"
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("../../escape.txt", "x")
+        link = zipfile.ZipInfo("link.dcm")
+        link.external_attr = (0o120777 << 16)
+        zf.writestr(link, "/etc/passwd")
+        zf.write(NIBABEL_DATA / "anatomical.nii", "ok/anatomical.nii")
+    tpath = root / "links.tar"
+    with tarfile.open(tpath, "w") as tf:
+        info = tarfile.TarInfo("sym.dcm")
+        info.type = tarfile.SYMTYPE
+        info.linkname = "/etc/passwd"
+        tf.addfile(info)
+        payload = b"plain text"
+        info = tarfile.TarInfo("readme.md")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    (root / "broken.zip").write_bytes(b"PK\x03\x04 this is not a zip")
+    return [src, zpath, tpath, root / "broken.zip"]
+
+
+EXPECTED = {
+    "truncated.dcm": ("failed", "PixelData holds 8130 bytes"),
+    "garbage.dcm": ("failed", "not a valid DICOM object"),
+    "notes.txt": ("skipped", "not a DICOM or NIfTI file"),
+    "empty.dcm": ("skipped", "empty file"),
+    "DICOMDIR": ("skipped", "DICOMDIR"),
+    "report.dcm": ("skipped", "no pixel data (SOP class: Comprehensive SR Storage)"),
+    "rtstruct.dcm": ("skipped", "no pixel data (SOP class: RT Structure Set Storage)"),
+    "screenshot.dcm": ("skipped", "color images (SamplesPerPixel=3"),
+    "broken_j2k.dcm": ("failed", "broken_j2k.dcm: pixel data cannot be decoded"),
+    "corrupt.nii.gz": ("failed", "NIfTI cannot be read"),
+    "fake.nii": ("failed", "named like DICOM/NIfTI but its content is neither"),
+    "../../escape.txt": ("failed", "escapes the extraction folder"),
+    "link.dcm": ("failed", "symbolic link inside archive"),
+    "ok/anatomical.nii": ("converted", None),
+    "sym.dcm": ("failed", "link inside archive"),
+    "readme.md": ("skipped", "not a DICOM or NIfTI file"),
+    "broken.zip": ("failed", "archive cannot be read"),
+}
+
+
+def test_every_bad_input_is_recorded_and_the_run_goes_on(tmp_path):
+    sources = _bad_archive(tmp_path)
+    summary = run_local(ingest_config(sources, tmp_path / "store"))
+    files = pq.read_table(tmp_path / "store" / "catalog" / "files.parquet").to_pylist()
+    by_path = {r["path"]: r for r in files}
+    # Exactly one row per input, nothing outside the store written by the hostile zip.
+    assert len(files) == len({(r["source"], r["path"]) for r in files}) == summary["files"]
+    assert not (tmp_path.parent / "escape.txt").exists()
+    for path, (status, reason) in EXPECTED.items():
+        row = by_path[path]
+        assert row["status"] == status, (path, row)
+        if reason:
+            assert reason in row["reason"], (path, row["reason"])
+    for row in files:
+        if row["path"].startswith("good/"):
+            assert row["status"] == "converted" and row["volume_id"]
+        if row["path"].startswith("gap/"):
+            assert row["status"] == "failed" and "not evenly spaced" in row["reason"]
+    volumes = pq.read_table(tmp_path / "store" / "catalog" / "volumes.parquet").to_pylist()
+    assert len(volumes) == summary["volumes"] == 2  # the good series and the NIfTI from the zip
+    assert summary["converted"] + summary["skipped"] + summary["failed"] == summary["files"]
