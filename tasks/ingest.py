@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
@@ -15,7 +17,7 @@ def scan_headers(entries: list[InputFile], store: str, secret_file: str | None, 
     """Read the headers of a batch of files; write their de-identified records to Parquet."""
     key = ingest.store_key(store, secret_file)
     path = ingest.scan_batch(entries, key, out_path)
-    get_run_logger().info("scanned %d files -> %s", len(entries), path)
+    get_run_logger().info("scanned %d files on worker pid %d -> %s", len(entries), os.getpid(), path)
     return path
 
 
@@ -25,6 +27,6 @@ def convert_series(jobs: list[dict], store: str, secret_file: str | None, chunk:
     key = ingest.store_key(store, secret_file)
     rows = ingest.convert_jobs(store, key, jobs, chunk)
     failed = sum(r["status"] == "failed" for r in rows["files"])
-    get_run_logger().info("%d jobs: %d volumes written, %d files failed",
-                          len(jobs), len(rows["volumes"]), failed)
+    get_run_logger().info("%d jobs on worker pid %d: %d volumes written, %d files failed",
+                          len(jobs), os.getpid(), len(rows["volumes"]), failed)
     return rows
