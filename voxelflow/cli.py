@@ -25,8 +25,8 @@ def _print_summary(summary: dict) -> None:
     table.add_row(*(str(summary[k]) for k in ("files", "converted", "skipped", "failed", "volumes")))
     console.print(table)
     for reason, n in summary["top_reasons"]:
-        console.print(f"  {n:>5} x {reason}", highlight=False, markup=False)
-    console.print(f"Run in the Prefect UI: {summary['ui_url']}", highlight=False)
+        print(f"  {n:>5} x {reason}")
+    print(f"Run in the Prefect UI: {summary['ui_url']}")
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
