@@ -18,9 +18,9 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 
 def ct_phantom(shape: tuple[int, int, int], spacing: Sequence[float] = (2.5, 0.8, 0.8),
-               seed: int = 0) -> np.ndarray:
+               seed: int = 0, noise_hu: float = 10.0) -> np.ndarray:
     """A torso-like CT volume in HU, ``(slices, rows, cols)`` int16: air, body, lungs,
-    spine, a contrast-enhanced organ and noise (10 HU)."""
+    spine, a contrast-enhanced organ and Gaussian noise (``noise_hu``)."""
     rng = np.random.default_rng(seed)
     nz, ny, nx = shape
     z, y, x = np.meshgrid(*(np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)),
@@ -38,7 +38,8 @@ def ct_phantom(shape: tuple[int, int, int], spacing: Sequence[float] = (2.5, 0.8
     organ = ((x - cx + 0.15 * nx * spacing[2]) ** 2 + (y - cy) ** 2 + (z - 0.75 * nz * spacing[0]) ** 2) \
         <= (0.12 * nx * spacing[2]) ** 2
     vol[organ] = 120.0
-    vol += rng.normal(0.0, 10.0, size=shape).astype(np.float32)
+    if noise_hu:
+        vol += rng.normal(0.0, noise_hu, size=shape).astype(np.float32)
     return np.clip(np.rint(vol), -1024, 3071).astype(np.int16)
 
 

@@ -45,9 +45,10 @@ MIN_LEVEL_SIZE = 32  # stop the pyramid when every spatial axis is at most this 
 
 
 def compressor() -> BloscCodec:
-    # zstd level 3 with byte shuffle: measured here as the better trade-off between write
-    # speed and ratio for int16 CT (see bench/ingest.py and the README figures).
-    return BloscCodec(cname="zstd", clevel=3, shuffle=BloscShuffle.shuffle)
+    # zstd level 1 with byte shuffle. Measured on 300x512x512 int16 CT (bench/ingest.py):
+    # ratio 2.74 against 2.78 for level 3 at 2.7x the speed; lz4 is faster still but only
+    # reaches 1.97. zstd decompresses at the same speed whatever the level.
+    return BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)
 
 
 # ----------------------------------------------------------------------------- store
@@ -126,23 +127,47 @@ def pyramid_factors(spacing: tuple[float, ...], shape: tuple[int, ...],
     return steps
 
 
-def downsample(data: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
-    """Block mean over the trailing ``len(factors)`` axes; odd edges are padded by replication.
+def _pair_sum(a: np.ndarray, axis: int, dtype: np.dtype) -> np.ndarray:
+    """Sum of neighbouring pairs along ``axis`` in ``dtype``; an odd last element counts
+    twice (edge replication). Adding two strided views is far faster than reshape + mean."""
+    a = np.moveaxis(a, axis, 0)
+    n = a.shape[0]
+    half = n // 2
+    out = np.empty((half + n % 2,) + a.shape[1:], dtype=dtype)
+    np.add(a[0:2 * half:2], a[1:2 * half:2], out=out[:half], dtype=dtype)
+    if n % 2:
+        np.add(a[-1], a[-1], out=out[-1], dtype=dtype)
+    return np.moveaxis(out, 0, axis)
 
-    Integer input is rounded back to its dtype (means of in-range values stay in range).
+
+def downsample(data: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Mean of 2-blocks over the trailing ``len(factors)`` axes (factors are 1 or 2); odd
+    edges are padded by replication.
+
+    Integer input is accumulated exactly and rounded half up back to its dtype (a mean of
+    in-range values stays in range).
     """
+    if any(f not in (1, 2) for f in factors):
+        raise ValueError(f"factors must be 1 or 2, got {factors}")
     lead = data.ndim - len(factors)
-    pad = [(0, 0)] * lead + [(0, (-n) % f) for n, f in zip(data.shape[lead:], factors)]
-    work = np.pad(data, pad, mode="edge") if any(p[1] for p in pad) else data
-    shape: list[int] = list(work.shape[:lead])
-    for n, f in zip(work.shape[lead:], factors):
-        shape += [n // f, f]
-    blocks = work.reshape(shape)
-    axes = tuple(lead + 2 * i + 1 for i in range(len(factors)))
-    mean = blocks.mean(axis=axes, dtype=np.float32 if data.dtype.itemsize <= 2 else np.float64)
     if data.dtype.kind in "iu":
-        return np.rint(mean).astype(data.dtype)
-    return mean.astype(data.dtype)
+        acc_dtype = np.dtype(np.int64 if data.dtype.itemsize >= 4 else np.int32)
+    else:
+        acc_dtype = np.dtype(np.float64 if data.dtype.itemsize >= 8 else np.float32)
+    acc = data
+    count = 1
+    for i, f in enumerate(factors):
+        if f == 2:
+            acc = _pair_sum(acc, lead + i, acc_dtype)
+            count *= 2
+    if count == 1:
+        return data.copy()
+    if data.dtype.kind in "iu":
+        # floor((sum + count/2) / count): round half up, exact in integers
+        acc += count // 2
+        acc //= count
+        return acc.astype(data.dtype)
+    return (acc / count).astype(data.dtype)
 
 
 # ----------------------------------------------------------------------------- volumes
@@ -160,7 +185,7 @@ class VolumeInfo:
 
 def content_digest(data: np.ndarray) -> str:
     """Digest of a volume's voxels, shape and dtype (independent of chunking/compression)."""
-    h = hashlib.blake2b(digest_size=20)
+    h = hashlib.sha256()  # hardware-accelerated here: ~2 GB/s
     h.update(f"{data.dtype.str}|{data.shape}".encode())
     h.update(np.ascontiguousarray(data).data)
     return h.hexdigest()

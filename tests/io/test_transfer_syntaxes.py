@@ -110,3 +110,24 @@ def test_real_lossy_files_decode_like_pydicom(name, uid_name):
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     inter = float(getattr(ds, "RescaleIntercept", 0) or 0)
     np.testing.assert_array_equal(got, ds.pixel_array.astype(np.float64) * slope + inter)
+
+
+@pytest.mark.parametrize("signed", [0, 1])
+@pytest.mark.parametrize("bits_stored", [12, 16])
+def test_direct_read_equals_pydicom_decode(tmp_path, signed, bits_stored):
+    """The fast path (pixels read by offset) has pydicom's semantics, including masking and
+    sign extension when BitsStored < BitsAllocated (high bits may hold garbage)."""
+    import pydicom
+
+    ds = pydicom.dcmread(PYDICOM_DATA / "MR_small.dcm")
+    ds.PixelRepresentation, ds.BitsStored, ds.HighBit = signed, bits_stored, bits_stored - 1
+    raw = np.random.default_rng(0).integers(0, 1 << 16, size=(64, 64), dtype=np.uint16)
+    ds.PixelData = raw.tobytes()
+    path = tmp_path / "x.dcm"
+    ds.save_as(path)
+    rec = scan_dicom(str(path), "x.dcm", KEY) | {"source": "t", "path": "x.dcm", "local": str(path)}
+    assert rec["pixel_offset"] is not None
+    (plan,) = plan_series(rec["series"], [rec])
+    direct, decoded = load_stack(plan, direct=True), load_stack(plan, direct=False)
+    np.testing.assert_array_equal(direct, decoded)
+    np.testing.assert_array_equal(decoded[0], pydicom.dcmread(path).pixel_array)
