@@ -41,7 +41,7 @@ class IngestConfig(BaseModel):
     scratch: str | None = Field(None, description="folder for unpacked archives and scan tables")
     secret_file: str | None = Field(None, description="de-identification key file")
     batch_size: int = Field(256, ge=1, description="files per header-scan task")
-    files_per_task: int = Field(2000, ge=1, description="pack small series into tasks up to this many files")
+    files_per_task: int = Field(256, ge=1, description="pack small series into tasks up to this many files")
     chunk: int = Field(64, ge=8, description="chunk edge length in voxels")
 
 

@@ -28,6 +28,12 @@ from voxelflow.deid import voxelflow_home
 from voxelflow.errors import ConfigurationError
 
 DEFAULT_PORT = 4200
+
+# Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which also switches off glibc's
+# adaptive mmap threshold: every array over 128 KiB is then mmapped and page-faulted afresh,
+# and converting a 300-slice CT series took 1.8 s instead of 1.0 s (measured here). Keeping
+# buffers up to 4 MiB on the heap restores the speed and still returns big arrays to the OS.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
 STARTUP_TIMEOUT_S = 180
 
 
@@ -188,6 +194,16 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
         return DaskTaskRunner(address=address)
     n = n_workers or max(1, os.cpu_count() or 1)
     return DaskTaskRunner(
-        cluster_class="distributed.LocalCluster",
+        cluster_class=local_cluster,
         cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": True,
                         "dashboard_address": ":0"})
+
+
+def local_cluster(**kwargs):
+    """A distributed.LocalCluster whose worker processes start with :data:`WORKER_ENV`
+    (it must be set before the process starts: glibc reads it once)."""
+    import dask
+    from distributed import LocalCluster
+
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}):
+        return LocalCluster(**kwargs)
