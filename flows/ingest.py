@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -10,6 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.utilities.urls import url_for
 
 from flows.progress import RunProgress
 from tasks.ingest import convert_series, scan_headers
@@ -18,10 +20,10 @@ from voxelflow.io.sources import list_inputs
 from voxelflow.runtime import dask_task_runner
 
 
-def _failed_rows(records, reason: str) -> list[dict]:
-    return [{"source": r.source if hasattr(r, "source") else r["source"],
-             "path": r.path if hasattr(r, "path") else r["path"],
-             "status": "failed", "reason": reason, "volume_id": None} for r in records]
+def _failed_rows(records: list[dict], reason: str) -> list[dict]:
+    """Rows for files whose task failed for good (after retries): accounted, with why."""
+    return [{"source": r["source"], "path": r["path"], "status": "failed", "reason": reason,
+             "volume_id": None} for r in records]
 
 
 @flow(name="ingest", description="DICOM/NIfTI sources into an OME-Zarr store with a catalog")
@@ -46,7 +48,8 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
         for fut in as_completed(list(futures)):
             result = fut.result(raise_on_failure=False)
             if isinstance(result, BaseException):  # after retries: account for the files
-                files += _failed_rows(futures[fut], f"header scan failed: {type(result).__name__}: {result}")
+                files += _failed_rows([asdict(e) for e in futures[fut]],
+                                      f"header scan failed: {type(result).__name__}: {result}")
                 progress.advance(2 * len(futures[fut]))
             else:
                 scan_tables.append(result)
@@ -83,7 +86,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
             shutil.rmtree(scratch, ignore_errors=True)
 
     summary |= {"store": str(config.store), "flow_run_id": str(flow_run.id),
-                "ui_url": flow_run.ui_url}
+                "ui_url": url_for("flow-run", obj_id=flow_run.id)}
     create_table_artifact(
         key="ingest-summary",
         table=[{"metric": k, "value": summary[k]} for k in

@@ -133,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Dask's scheduler/nanny/worker INFO lines drown the progress bar; keep warnings. Set
+    # before dask is imported, so worker processes inherit it too.
+    os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -72,29 +72,35 @@ def _walk_folder(source: str, root: Path) -> Iterator[InputFile]:
     yield from entries
 
 
+def _extract_member(source: str, dest: Path, name: str, refusal: str, open_member,
+                    errors: tuple[type[BaseException], ...]) -> InputFile:
+    """Extract one archive member into ``dest`` unless its name escapes ``dest`` or
+    ``refusal`` says why it is not a plain file (a link, a device)."""
+    safe = _safe_member_name(name)
+    if safe is None:
+        return InputFile(source, name, "", "archive member path escapes the extraction folder; not extracted")
+    if refusal:
+        return InputFile(source, safe, "", refusal)
+    target = dest / safe
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open_member() as src, open(target, "wb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
+    except errors as exc:
+        return InputFile(source, safe, "", f"cannot extract archive member: {exc}")
+    return InputFile(source, safe, str(target))
+
+
 def _extract_zip(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
     with zipfile.ZipFile(archive) as zf:
         for info in sorted(zf.infolist(), key=lambda i: i.filename):
             if info.is_dir():
                 continue
-            safe = _safe_member_name(info.filename)
-            if safe is None:
-                yield InputFile(source, info.filename, "",
-                                "archive member path escapes the extraction folder; not extracted")
-                continue
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                yield InputFile(source, safe, "", "symbolic link inside archive; not followed")
-                continue
-            target = dest / safe
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
-                yield InputFile(source, safe, "", f"cannot extract zip member: {exc}")
-                continue
-            yield InputFile(source, safe, str(target))
+            link = stat.S_ISLNK(info.external_attr >> 16)
+            yield _extract_member(source, dest, info.filename,
+                                  "symbolic link inside archive; not followed" if link else "",
+                                  lambda info=info: zf.open(info),
+                                  (zipfile.BadZipFile, OSError, EOFError, NotImplementedError))
 
 
 def _extract_tar(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
@@ -102,27 +108,11 @@ def _extract_tar(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
         for member in tf:  # streaming: works for compressed tars without seeking back
             if member.isdir():
                 continue
-            safe = _safe_member_name(member.name)
-            if safe is None:
-                yield InputFile(source, member.name, "",
-                                "archive member path escapes the extraction folder; not extracted")
-                continue
-            if member.issym() or member.islnk():
-                yield InputFile(source, safe, "", "link inside archive; not followed")
-                continue
-            if not member.isfile():
-                yield InputFile(source, safe, "", "special file (device or fifo) inside archive")
-                continue
-            target = dest / safe
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                src = tf.extractfile(member)
-                with src, open(target, "wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                yield InputFile(source, safe, "", f"cannot extract tar member: {exc}")
-                continue
-            yield InputFile(source, safe, str(target))
+            refusal = ("link inside archive; not followed" if member.issym() or member.islnk()
+                       else "" if member.isfile() else "special file (device or fifo) inside archive")
+            yield _extract_member(source, dest, member.name, refusal,
+                                  lambda member=member: tf.extractfile(member),
+                                  (tarfile.TarError, OSError, EOFError))
 
 
 def list_inputs(sources: list[str], scratch: str | os.PathLike) -> list[InputFile]:
