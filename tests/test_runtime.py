@@ -1,24 +1,42 @@
-"""voxelflow's own local Prefect server: started once, reused, stopped."""
+"""With no Prefect server configured, the CLI starts voxelflow's local server once, later runs
+reuse it, and `voxelflow server stop` stops it."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
+from tests.conftest import NIBABEL_DATA
 from voxelflow import runtime
 
 
 @pytest.mark.slow
-def test_local_server_is_started_once_and_reused(tmp_path):
+def test_cli_without_a_configured_server_starts_and_reuses_one(tmp_path):
     home = tmp_path / "home"
-    port = runtime._free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {"VOXELFLOW_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect-profile")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "voxelflow.cli", *map(str, args)], env=env,
+                              capture_output=True, text=True, timeout=400)
+
     try:
-        first = runtime.start_local_server(home=home, port=port)
-        assert first.started_here and first.api_url == f"http://127.0.0.1:{port}/api"
-        assert runtime._healthy(first.api_url)
-        second = runtime.start_local_server(home=home)
-        assert not second.started_here and second.api_url == first.api_url
-        assert runtime.local_server_status(home)["port"] == port
+        first = cli("ingest", NIBABEL_DATA / "anatomical.nii", "--store", tmp_path / "s1", "--workers", "1")
+        assert first.returncode == 0, first.stderr[-3000:]
+        assert "(started a local server)" in first.stderr
+        state = runtime.local_server_status(home)
+        assert state and state["api_url"] in first.stderr
+        assert f"Run in the Prefect UI: {state['ui_url']}/runs/flow-run/" in first.stdout
+
+        second = cli("ingest", NIBABEL_DATA / "anatomical.nii", "--store", tmp_path / "s2", "--workers", "1")
+        assert second.returncode == 0, second.stderr[-3000:]
+        assert "started a local server" not in second.stderr and state["api_url"] in second.stderr
+        assert runtime.local_server_status(home)["pid"] == state["pid"]  # the same server process
     finally:
-        assert runtime.stop_local_server(home=home)
-    assert not runtime._healthy(f"http://127.0.0.1:{port}/api")
+        stop = cli("server", "stop")
+    assert stop.returncode == 0 and "stopped" in stop.stdout
     assert runtime.local_server_status(home) is None
+    assert not runtime._healthy(state["api_url"])
