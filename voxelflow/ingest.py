@@ -114,6 +114,11 @@ def classify_file(entry: InputFile, key: bytes) -> dict[str, Any]:
             return rec | {"kind": "none", "status": "skipped", "reason": exc.reason}
         except InvalidInputError as exc:
             return rec | {"kind": "none", "status": "failed", "reason": exc.reason}
+        except OSError:
+            raise  # transient (the task retries); a file's own corruption is caught above
+        except Exception as exc:  # noqa: BLE001 - a parser crash on this file must not fail its batch
+            return rec | {"kind": "none", "status": "failed",
+                          "reason": f"DICOM header cannot be read ({type(exc).__name__}: {exc})"}
     if is_archive(entry.path):
         return rec | {"kind": "none", "status": "skipped",
                       "reason": "archive inside a source; nested archives are not unpacked"}
