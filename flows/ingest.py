@@ -95,7 +95,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
     if summary["top_reasons"]:
         create_table_artifact(
             key="ingest-not-converted",
-            table=[{"reason": r, "files": n} for r, n in summary["top_reasons"]],
+            table=summary["top_reasons"],
             description="Most frequent reasons files were skipped or failed (full list: catalog/files.parquet)")
     create_markdown_artifact(
         key="ingest-catalog",

@@ -24,8 +24,8 @@ def _print_summary(summary: dict) -> None:
     table.add_column("volumes", justify="right")
     table.add_row(*(str(summary[k]) for k in ("files", "converted", "skipped", "failed", "volumes")))
     console.print(table)
-    for reason, n in summary["top_reasons"]:
-        print(f"  {n:>5} x {reason}")
+    for row in summary["top_reasons"]:
+        print(f"  {row['files']:>5} x {row['status']}: {row['reason']}")
     print(f"Run in the Prefect UI: {summary['ui_url']}")
 
 

@@ -169,6 +169,10 @@ def plan_jobs(scan_tables: list[str], files_per_task: int) -> tuple[list[list[di
                 jobs.append({"kind": "nifti", "records": [rec]})
     jobs.extend({"kind": "dicom", "series": uid, "records": recs} for uid, recs in sorted(series.items()))
     jobs.sort(key=lambda j: -len(j["records"]))
+    # Aim for at least ~8 tasks when there is enough work, so small archives still spread
+    # over the workers; a series is never split.
+    total = sum(len(j["records"]) for j in jobs)
+    files_per_task = max(1, min(files_per_task, -(-total // 8)))
     batches: list[list[dict]] = []
     current: list[dict] = []
     count = 0
@@ -293,15 +297,16 @@ def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64) -> d
 
 def summarize(volumes: list[dict], files: list[dict]) -> dict[str, Any]:
     counts = {s: 0 for s in catalog.STATUSES}
-    reasons: dict[str, int] = defaultdict(int)
+    reasons: dict[tuple[str, str], int] = defaultdict(int)
     for row in files:
         counts[row["status"]] += 1
         if row["status"] != "converted":
-            reasons[f"{row['status']}: {row['reason']}"] += 1
+            reasons[(row["status"], row["reason"])] += 1
+    top = sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
     return {
         "files": len(files), **counts, "volumes": len(volumes),
         "voxels": int(sum(int(np.prod(v["shape"])) for v in volumes)),
-        "top_reasons": sorted(reasons.items(), key=lambda kv: -kv[1])[:10],
+        "top_reasons": [{"files": n, "status": status, "reason": reason} for (status, reason), n in top],
     }
 
 
