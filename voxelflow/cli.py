@@ -77,6 +77,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_synth(args: argparse.Namespace) -> int:
+    from voxelflow.synth import SynthConfig, build_synthetic_archive
+
+    out = build_synthetic_archive(args.outdir, SynthConfig(patients=args.patients, mr_patients=args.mr_patients,
+                                                           seed=args.seed))
+    print(f"synthetic archive in {out}: images/ (ingest this), labels/labels.csv, labels/segmentations.csv")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from voxelflow import runtime
 
@@ -124,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-output")
     add_dask(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("synth", help="write a deterministic labelled synthetic archive (CT DICOM + MR NIfTI)")
+    p.add_argument("outdir")
+    p.add_argument("--patients", type=int, default=20, help="CT patients (about 1 in 5 with lesions)")
+    p.add_argument("--mr-patients", type=int, default=4, help="MR-like NIfTI volumes from the MNI template")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("server", help="voxelflow's local Prefect server")
     p.add_argument("action", choices=["start", "stop", "status"])

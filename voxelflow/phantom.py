@@ -69,6 +69,8 @@ class SeriesSpec:
     frame_uid: str = field(default_factory=generate_uid)
     series_number: int = 1
     extra: dict = field(default_factory=dict)  # more attributes, set on every file
+    transfer_syntax: str = ExplicitVRLittleEndian  # compressed syntaxes are encoded losslessly
+    uid_seed: str | None = None  # SOP instance UIDs derived from this (deterministic) if set
 
 
 def write_ct_series(volume_hu: np.ndarray, outdir: str | os.PathLike, spec: SeriesSpec,
@@ -88,7 +90,8 @@ def write_ct_series(volume_hu: np.ndarray, outdir: str | os.PathLike, spec: Seri
     for number, k in enumerate(order, start=1):
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.MediaStorageSOPInstanceUID = (generate_uid(entropy_srcs=[spec.uid_seed, str(k)])
+                                           if spec.uid_seed else generate_uid())
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         path = out / f"{prefix}{number:05d}.dcm"
         ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
@@ -102,7 +105,10 @@ def write_ct_series(volume_hu: np.ndarray, outdir: str | os.PathLike, spec: Seri
         ds.SeriesInstanceUID = spec.series_uid
         ds.FrameOfReferenceUID = spec.frame_uid
         ds.StudyDate = ds.SeriesDate = "20250101"
-        ds.StudyTime = "120000"
+        ds.StudyTime = ds.SeriesTime = "120000"
+        ds.ContentDate, ds.ContentTime = "20250101", "120500"
+        ds.StudyID = "1"
+        ds.AcquisitionNumber = 1
         ds.AccessionNumber = "ACC0001"
         ds.InstitutionName = "Demo Hospital"
         ds.ReferringPhysicianName = "REFERRER^DEMO"
@@ -133,6 +139,8 @@ def write_ct_series(volume_hu: np.ndarray, outdir: str | os.PathLike, spec: Seri
         for key, value in spec.extra.items():
             setattr(ds, key, value)
         ds.PixelData = (volume_hu[k].astype(np.int32) + 1024).astype(np.uint16).tobytes()
+        if spec.transfer_syntax != ExplicitVRLittleEndian:
+            ds.compress(spec.transfer_syntax)  # lossless encoders: RLE, JPEG-LS, JPEG 2000
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
