@@ -3,6 +3,9 @@
 * ``catalog/volumes.parquet``: one row per volume (:data:`VOLUME_COLUMNS`).
 * ``catalog/files.parquet``: one row per input file (:data:`FILE_COLUMNS`), ``status`` in
   ``converted | skipped | failed`` with a ``reason`` for the last two.
+* ``catalog/labels.parquet``, ``classes.parquet``, ``splits.parquet``: segmentations stored
+  as ``labels/`` of their volume, per-volume classes, the patient-level split (see
+  :mod:`voxelflow.labels`).
 
 Tables are replaced atomically (written aside, then renamed). A new run's rows replace the
 rows with the same key (``volume_id``; ``source`` + ``path``); other rows are kept.
@@ -48,6 +51,17 @@ FILE_SCHEMA = pa.schema([
     ("volume_id", pa.string()),
 ])
 
+LABEL_SCHEMA = pa.schema([
+    ("volume_id", pa.string()), ("name", pa.string()), ("source", pa.string()), ("format", pa.string()),
+    ("values", pa.list_(pa.int64())), ("voxels", pa.list_(pa.int64())), ("mapping", pa.string()),
+    ("warnings", pa.list_(pa.string())), ("digest", pa.string()),
+])
+CLASS_SCHEMA = pa.schema([("volume_id", pa.string()), ("label", pa.string())])
+SPLIT_SCHEMA = pa.schema([("volume_id", pa.string()), ("patient_key", pa.string()), ("split", pa.string()),
+                          ("seed", pa.int64())])
+SCHEMAS = {"volumes": VOLUME_SCHEMA, "files": FILE_SCHEMA, "labels": LABEL_SCHEMA, "classes": CLASS_SCHEMA,
+           "splits": SPLIT_SCHEMA}
+
 STATUSES = ("converted", "skipped", "failed")
 
 
@@ -55,13 +69,26 @@ def catalog_dir(store: str | os.PathLike) -> Path:
     return Path(store) / "catalog"
 
 
-def read_table(store: str | os.PathLike, name: str) -> pa.Table:
+def read_table(store: str | os.PathLike, name: str, schema: pa.Schema | None = None) -> pa.Table:
     """Read ``catalog/<name>.parquet``; an empty table with the schema when absent."""
-    schema = {"volumes": VOLUME_SCHEMA, "files": FILE_SCHEMA}[name]
+    schema = schema or SCHEMAS[name]
     path = catalog_dir(store) / f"{name}.parquet"
     if not path.exists():
         return schema.empty_table()
     return pq.read_table(path)
+
+
+def write_table(store: str | os.PathLike, name: str, table: pa.Table) -> None:
+    """Replace ``catalog/<name>.parquet`` atomically."""
+    _write_atomic(table, catalog_dir(store) / f"{name}.parquet")
+
+
+def upsert(store: str | os.PathLike, name: str, rows: list[dict[str, Any]], schema: pa.Schema,
+           key: tuple[str, ...]) -> pa.Table:
+    """Merge ``rows`` into ``catalog/<name>.parquet`` by ``key`` and write it back."""
+    table = merge(read_table(store, name, schema), rows, schema, key)
+    write_table(store, name, table)
+    return table
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
@@ -71,8 +98,9 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _merge(old: pa.Table, new_rows: list[dict[str, Any]], schema: pa.Schema,
-           key: tuple[str, ...]) -> pa.Table:
+def merge(old: pa.Table, new_rows: list[dict[str, Any]], schema: pa.Schema,
+          key: tuple[str, ...]) -> pa.Table:
+    """``old`` with the rows of ``new_rows`` replacing those of equal ``key``, sorted by key."""
     new = pa.Table.from_pylist(new_rows, schema=schema)
     if old.num_rows == 0:
         merged = new
@@ -89,8 +117,8 @@ def update_catalog(store: str | os.PathLike, volume_rows: list[dict[str, Any]],
     bad = {r["status"] for r in file_rows} - set(STATUSES)
     if bad:
         raise ValueError(f"file rows with unknown status {sorted(bad)}; expected one of {STATUSES}")
-    volumes = _merge(read_table(store, "volumes"), volume_rows, VOLUME_SCHEMA, ("volume_id",))
-    files = _merge(read_table(store, "files"), file_rows, FILE_SCHEMA, ("source", "path"))
+    volumes = merge(read_table(store, "volumes"), volume_rows, VOLUME_SCHEMA, ("volume_id",))
+    files = merge(read_table(store, "files"), file_rows, FILE_SCHEMA, ("source", "path"))
     _write_atomic(volumes, catalog_dir(store) / "volumes.parquet")
     _write_atomic(files, catalog_dir(store) / "files.parquet")
     return volumes, files

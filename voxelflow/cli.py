@@ -86,6 +86,38 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_labels(args: argparse.Namespace) -> int:
+    from voxelflow import labels
+    from voxelflow.ingest import store_key
+
+    key = store_key(args.store, args.secret_file)
+    problems = 0
+    if args.segmentations:
+        rows, errors = labels.import_segmentations(args.store, args.segmentations, key)
+        by_mapping: dict[str, int] = {}
+        for r in rows:
+            by_mapping[r["mapping"]] = by_mapping.get(r["mapping"], 0) + 1
+        print(f"segmentations attached: {len(rows)} {by_mapping}; not attached: {len(errors)}")
+        for r in rows:
+            for w in r["warnings"]:
+                print(f"  warning {r['source']}: {w}")
+        for e in errors:
+            print(f"  error {e['segmentation']}: {e['reason']}")
+        problems += len(errors)
+    if args.classes:
+        rows, errors = labels.import_classes(args.store, args.classes, key)
+        print(f"classes joined: {len(rows)} volumes; unmatched rows: {len(errors)}")
+        problems += len(errors)
+    if args.split:
+        fractions = tuple(float(v) for v in args.split.split(","))
+        rows = labels.make_split(args.store, seed=args.seed, fractions=fractions)  # type: ignore[arg-type]
+        counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["split"]] = counts.get(r["split"], 0) + 1
+        print(f"split (seed {args.seed}, patient-level, stratified): {counts}")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from voxelflow import runtime
 
@@ -140,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mr-patients", type=int, default=4, help="MR-like NIfTI volumes from the MNI template")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser("labels", help="attach segmentations and classes to stored volumes; split by patient")
+    p.add_argument("store")
+    p.add_argument("--segmentations", help="CSV: image (SeriesInstanceUID or nifti:<path>), segmentation[, name]")
+    p.add_argument("--classes", help="CSV: series_instance_uid (or image), label")
+    p.add_argument("--split", default="0.7,0.15,0.15", help="train,validation,test fractions ('' to skip)")
+    p.add_argument("--seed", type=int, default=0, help="split seed")
+    p.add_argument("--secret-file", default=os.environ.get("VOXELFLOW_SECRET_FILE"))
+    p.set_defaults(func=cmd_labels)
 
     p = sub.add_parser("server", help="voxelflow's local Prefect server")
     p.add_argument("action", choices=["start", "stop", "status"])

@@ -64,3 +64,8 @@ class SourceError(VoxelflowError, FileNotFoundError):
 
 class ConfigurationError(VoxelflowError, RuntimeError):
     """voxelflow cannot run as configured (missing key, unreachable server, ...)."""
+
+
+class LabelError(InvalidInputError):
+    """A segmentation or class label cannot be attached to its image: no matching volume,
+    a grid that does not cover the image, values that are not labels, conflicting labels."""

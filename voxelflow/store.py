@@ -170,6 +170,29 @@ def downsample(data: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
     return (acc / count).astype(data.dtype)
 
 
+def downsample_labels(data: np.ndarray, factors: tuple[int, ...]) -> np.ndarray:
+    """Majority label of each 2-block (ties go to the higher label, so small structures
+    survive), odd edges replicated. Used for label pyramids, where a mean would invent
+    labels."""
+    lead = data.ndim - len(factors)
+    values = np.unique(data)
+    best = None
+    best_count = None
+    for v in values:  # label maps hold few values: one count volume per value
+        count = (data == v).astype(np.uint8)
+        for i, f in enumerate(factors):
+            if f == 2:
+                count = _pair_sum(count, lead + i, np.dtype(np.uint8))
+        if best is None:
+            best = np.full(count.shape, v, dtype=data.dtype)
+            best_count = count
+        else:
+            take = count >= best_count
+            best[take] = v
+            best_count = np.where(take, count, best_count)
+    return best
+
+
 # ----------------------------------------------------------------------------- volumes
 
 
@@ -189,6 +212,43 @@ def content_digest(data: np.ndarray) -> str:
     h.update(f"{data.dtype.str}|{data.shape}".encode())
     h.update(np.ascontiguousarray(data).data)
     return h.hexdigest()
+
+
+def _axes(ndim: int) -> list[dict[str, str]]:
+    axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
+    if ndim == 4:
+        axes.insert(0, {"name": "t", "type": "time", "unit": "second"})
+    return axes
+
+
+def _write_multiscale(group: zarr.Group, data: np.ndarray, spacing_zyx: tuple[float, ...],
+                      steps: list[tuple[int, ...]], reduce, chunk: int,
+                      time_step: float | None) -> list[dict[str, Any]]:
+    """Write ``s0, s1, ...`` into ``group``; returns the NGFF ``datasets`` entries."""
+    dim_names = [a["name"] for a in _axes(data.ndim)]
+    datasets = []
+    level = data
+    total = np.ones(3, dtype=np.int64)
+    for n in range(len(steps) + 1):
+        if n:
+            level = reduce(level, steps[n - 1])
+            total = total * np.asarray(steps[n - 1])
+        chunks = tuple(min(chunk, s) for s in level.shape[-3:])
+        if level.ndim == 4:
+            chunks = (1,) + chunks
+        arr = group.create_array(
+            name=f"s{n}", shape=level.shape, dtype=level.dtype, chunks=chunks,
+            compressors=compressor(), fill_value=0, dimension_names=dim_names)
+        arr[...] = level
+        scale = [float(s) * int(f) for s, f in zip(spacing_zyx, total)]
+        translation = [float(s) * (int(f) - 1) / 2.0 for s, f in zip(spacing_zyx, total)]
+        if data.ndim == 4:
+            scale.insert(0, float(time_step or 1.0))
+            translation.insert(0, 0.0)
+        datasets.append({"path": f"s{n}", "coordinateTransformations": [
+            {"type": "scale", "scale": scale},
+            {"type": "translation", "translation": translation}]})
+    return datasets
 
 
 def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, affine: np.ndarray,
@@ -213,44 +273,14 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
     root = Path(store)
     spacing_xyz = voxel_sizes(affine)
     spacing_zyx = tuple(float(v) for v in spacing_xyz[::-1])
-    spatial_shape = data.shape[-3:]
-    steps = pyramid_factors(spacing_zyx, spatial_shape)
+    steps = pyramid_factors(spacing_zyx, data.shape[-3:])
     digest = content_digest(data)
     staging = root / ".staging" / f"{volume_id}.{uuid.uuid4().hex}"
     target = volume_path(root, volume_id)
-    axes: list[dict[str, str]] = [
-        {"name": "z", "type": "space", "unit": "millimeter"},
-        {"name": "y", "type": "space", "unit": "millimeter"},
-        {"name": "x", "type": "space", "unit": "millimeter"},
-    ]
-    if data.ndim == 4:
-        axes.insert(0, {"name": "t", "type": "time", "unit": "second"})
-    dim_names = [a["name"] for a in axes]
     try:
         staging.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
-        datasets = []
-        level = data
-        total = np.ones(3, dtype=np.int64)
-        for n in range(len(steps) + 1):
-            if n:
-                level = downsample(level, steps[n - 1])
-                total = total * np.asarray(steps[n - 1])
-            chunks = tuple(min(chunk, s) for s in level.shape[-3:])
-            if level.ndim == 4:
-                chunks = (1,) + chunks
-            arr = group.create_array(
-                name=f"s{n}", shape=level.shape, dtype=level.dtype, chunks=chunks,
-                compressors=compressor(), fill_value=0, dimension_names=dim_names)
-            arr[...] = level
-            scale = [float(s) * int(f) for s, f in zip(spacing_zyx, total)]
-            translation = [float(s) * (int(f) - 1) / 2.0 for s, f in zip(spacing_zyx, total)]
-            if data.ndim == 4:
-                scale.insert(0, float(time_step or 1.0))
-                translation.insert(0, 0.0)
-            datasets.append({"path": f"s{n}", "coordinateTransformations": [
-                {"type": "scale", "scale": scale},
-                {"type": "translation", "translation": translation}]})
+        datasets = _write_multiscale(group, data, spacing_zyx, steps, downsample, chunk, time_step)
         meta = dict(attributes or {})
         meta.update({
             "affine": np.asarray(affine, dtype=np.float64).tolist(),
@@ -260,7 +290,7 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
         })
         group.attrs.update({
             "ome": {"version": NGFF_VERSION, "multiscales": [{
-                "name": volume_id, "axes": axes, "datasets": datasets,
+                "name": volume_id, "axes": _axes(data.ndim), "datasets": datasets,
                 "type": "mean", "metadata": {"method": "voxelflow.store.downsample"}}]},
             "voxelflow": meta,
         })
@@ -271,6 +301,62 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
     return VolumeInfo(volume_id=volume_id, shape=tuple(data.shape), dtype=str(data.dtype),
                       spacing=tuple(float(v) for v in spacing_xyz), digest=digest,
                       levels=len(steps) + 1)
+
+
+def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.ndarray,
+                properties: list[dict[str, Any]] | None = None, chunk: int = DEFAULT_CHUNK) -> str:
+    """Store a label map as the OME-Zarr label image ``volumes/<id>/labels/<name>``.
+
+    ``labels`` must be on the volume's grid, in its array order ``(z, y, x)``; the pyramid has
+    the image's levels, reduced by majority vote. Written aside and renamed into place.
+    Returns the label's digest.
+
+    Raises:
+        StoreError: the volume does not exist or the label cannot be written.
+        ValueError: the label's shape differs from the volume's.
+    """
+    root = Path(store)
+    image = zarr.open_group(store=str(volume_path(root, volume_id)), mode="r", zarr_format=3)
+    base = image[list_levels(image)[0]["path"]]
+    if tuple(labels.shape) != tuple(base.shape[-3:]):
+        raise ValueError(f"label {name} of volume {volume_id}: shape {labels.shape} differs from the "
+                         f"volume's {base.shape[-3:]}")
+    spacing_zyx = tuple(list_levels(image)[0]["coordinateTransformations"][0]["scale"][-3:])
+    steps = pyramid_factors(spacing_zyx, labels.shape)
+    staging = root / ".staging" / f"{volume_id}.label.{uuid.uuid4().hex}"
+    labels_dir = volume_path(root, volume_id) / "labels"
+    values = [int(v) for v in np.unique(labels) if v != 0]
+    palette = [[230, 25, 75, 255], [60, 180, 75, 255], [0, 130, 200, 255], [245, 130, 48, 255],
+               [145, 30, 180, 255], [70, 240, 240, 255], [240, 50, 230, 255], [210, 245, 60, 255]]
+    try:
+        staging.parent.mkdir(parents=True, exist_ok=True)
+        group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
+        datasets = _write_multiscale(group, labels, spacing_zyx, steps, downsample_labels, chunk, None)
+        group.attrs.update({"ome": {
+            "version": NGFF_VERSION,
+            "multiscales": [{"name": name, "axes": _axes(3), "datasets": datasets, "type": "mode"}],
+            "image-label": {
+                "version": NGFF_VERSION,
+                "colors": [{"label-value": v, "rgba": palette[i % len(palette)]} for i, v in enumerate(values)],
+                "properties": properties or [{"label-value": v} for v in values],
+                "source": {"image": "../../"}}}})
+        if not (labels_dir / "zarr.json").exists():
+            zarr.open_group(store=str(labels_dir), mode="a", zarr_format=3)
+        _publish(staging, labels_dir / name)
+        listing = zarr.open_group(store=str(labels_dir), mode="a", zarr_format=3)
+        names = sorted(set(listing.attrs.get("ome", {}).get("labels", [])) | {name})
+        listing.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise StoreError(f"cannot write label {name} of volume {volume_id}: {exc}") from exc
+    return content_digest(labels)
+
+
+def open_label(store: str | os.PathLike, volume_id: str, name: str, level: int = 0) -> zarr.Array:
+    """A stored label map (lazy), on the grid of the volume's pyramid level ``level``."""
+    group = zarr.open_group(store=str(volume_path(store, volume_id) / "labels" / name), mode="r",
+                            zarr_format=3)
+    return group[list_levels(group)[level]["path"]]
 
 
 def _publish(staging: Path, target: Path) -> None:
