@@ -10,14 +10,13 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.utilities.urls import url_for
 
 from flows.progress import RunProgress
+from flows.runner import run_on_dask
 from tasks.ingest import convert_series, scan_headers
 from voxelflow import catalog, ingest
 from voxelflow.io.sources import list_inputs
-from voxelflow.runtime import dask_task_runner
 
 
 def _failed_rows(records: list[dict], reason: str) -> list[dict]:
@@ -109,16 +108,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
     return summary
 
 
-def run_ingest(config: ingest.IngestConfig, *, dask_address: str | None = None,
-               n_workers: int | None = None, api_url: str | None = None) -> dict:
-    """Run the ingest flow on Dask: an existing scheduler or a LocalCluster.
-
-    Args:
-        api_url: the Prefect API to report to; also exported to the Dask workers.
-    """
-    runner = dask_task_runner(dask_address, n_workers)
-    run = ingest_flow.with_options(task_runner=runner)
-    if api_url:
-        with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            return run(config)
-    return run(config)
+def run_ingest(config: ingest.IngestConfig, **kwargs) -> dict:
+    """Run the flow on Dask; ``kwargs``: ``dask_address``, ``n_workers``, ``api_url``
+    (see :func:`flows.runner.run_on_dask`)."""
+    return run_on_dask(ingest_flow, config, **kwargs)

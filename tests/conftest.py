@@ -70,3 +70,21 @@ def ingest_config(sources, store, **kw):
     from voxelflow.ingest import IngestConfig
 
     return IngestConfig(sources=[str(s) for s in sources], store=str(store), **kw)
+
+
+@pytest.fixture(scope="session")
+def labelled_store(tmp_path_factory):
+    """A small synthetic archive ingested, with segmentations, classes and a split."""
+    from voxelflow.ingest import run_local, store_key
+    from voxelflow.labels import import_classes, import_segmentations, make_split
+    from voxelflow.synth import SynthConfig, build_synthetic_archive
+
+    root = tmp_path_factory.mktemp("labelled-store")
+    archive = build_synthetic_archive(root / "archive", SynthConfig(patients=6, mr_patients=1, shape=(16, 48, 48)))
+    store = root / "store"
+    run_local(ingest_config([archive / "images"], store))
+    key = store_key(str(store))
+    import_segmentations(store, archive / "labels" / "segmentations.csv", key)
+    import_classes(store, archive / "labels" / "labels.csv", key)
+    make_split(store, seed=0)
+    return store

@@ -59,8 +59,17 @@ LABEL_SCHEMA = pa.schema([
 CLASS_SCHEMA = pa.schema([("volume_id", pa.string()), ("label", pa.string())])
 SPLIT_SCHEMA = pa.schema([("volume_id", pa.string()), ("patient_key", pa.string()), ("split", pa.string()),
                           ("seed", pa.int64())])
+PREPROCESSED_SCHEMA = pa.schema([  # preprocessed/<version>/catalog/preprocessed.parquet
+    ("volume_id", pa.string()), ("status", pa.string()), ("reason", pa.string()),
+    ("source_digest", pa.string()), ("label_digest", pa.string()), ("modality", pa.string()),
+    ("shape", pa.list_(pa.int64())), ("spacing", pa.list_(pa.float64())), ("affine", pa.list_(pa.float64())),
+    ("orientation", pa.string()), ("classes", pa.list_(pa.int64())), ("digest", pa.string()),
+])
+LOCATION_SCHEMA = pa.schema([  # preprocessed/<version>/catalog/locations/<volume_id>.parquet
+    ("volume_id", pa.string()), ("label", pa.int64()), ("z", pa.int32()), ("y", pa.int32()), ("x", pa.int32()),
+])
 SCHEMAS = {"volumes": VOLUME_SCHEMA, "files": FILE_SCHEMA, "labels": LABEL_SCHEMA, "classes": CLASS_SCHEMA,
-           "splits": SPLIT_SCHEMA}
+           "splits": SPLIT_SCHEMA, "preprocessed": PREPROCESSED_SCHEMA}
 
 STATUSES = ("converted", "skipped", "failed")
 
@@ -71,7 +80,8 @@ def catalog_dir(store: str | os.PathLike) -> Path:
 
 def read_table(store: str | os.PathLike, name: str, schema: pa.Schema | None = None) -> pa.Table:
     """Read ``catalog/<name>.parquet``; an empty table with the schema when absent."""
-    schema = schema or SCHEMAS[name]
+    if schema is None:
+        schema = SCHEMAS[name]
     path = catalog_dir(store) / f"{name}.parquet"
     if not path.exists():
         return schema.empty_table()

@@ -29,20 +29,26 @@ def _print_summary(summary: dict) -> None:
     print(f"Run in the Prefect UI: {summary['ui_url']}")
 
 
+def _prefect_api():
+    from voxelflow.runtime import ensure_prefect_api
+
+    api = ensure_prefect_api()
+    print(f"Prefect API: {api.api_url}" + (" (started a local server)" if api.started_here else ""),
+          file=sys.stderr)
+    return api
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     missing = [s for s in args.sources if not Path(s).exists()]
     if missing:
         raise SourceError(f"source(s) not found: {', '.join(missing)}")
     from voxelflow.ingest import IngestConfig, prepare_store
-    from voxelflow.runtime import ensure_prefect_api
 
     config = IngestConfig(sources=[str(s) for s in args.sources], store=str(args.store),
                           scratch=args.scratch, secret_file=args.secret_file,
                           batch_size=args.batch_size, chunk=args.chunk)
     prepare_store(config.store, config.secret_file)  # fail fast: unwritable store, missing key
-    api = ensure_prefect_api()
-    print(f"Prefect API: {api.api_url}" + (" (started a local server)" if api.started_here else ""),
-          file=sys.stderr)
+    api = _prefect_api()
     from flows.ingest import run_ingest
 
     summary = run_ingest(config, dask_address=args.dask_address, n_workers=args.workers,
@@ -74,6 +80,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
                             dask_address=args.dask_address, workers=args.workers, json=None)
     cmd_ingest(ns)
     cmd_export(argparse.Namespace(store=str(work / "store"), outdir=str(work / "nifti"), volume=None))
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from voxelflow.preprocess import PreprocessConfig
+    from voxelflow.store import store_id
+
+    store_id(args.store)
+    spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
+    config = PreprocessConfig(store=args.store, volumes=args.volume or None, spacing=spacing,
+                              interpolation=args.interpolation, crop_foreground=not args.no_crop)
+    api = _prefect_api()
+    from flows.preprocess import run_preprocess
+
+    summary = run_preprocess(config, dask_address=args.dask_address, n_workers=args.workers, api_url=api.api_url)
+    print(f"preprocessed copy {summary['output']} (spacing {summary['spacing']} mm): "
+          f"{summary['processed']} processed, {summary['unchanged']} unchanged, {summary['failed']} failed")
+    for vid, reason in summary["failures"]:
+        print(f"  failed {vid}: {reason}")
     return 0
 
 
@@ -165,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-output")
     add_dask(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("preprocess", help="reorient, resample, crop, normalise into a versioned copy")
+    p.add_argument("store")
+    p.add_argument("--spacing", help="target x,y,z mm (default: median of the volumes)")
+    p.add_argument("--interpolation", choices=["linear", "spline"], default="linear")
+    p.add_argument("--no-crop", action="store_true", help="keep the whole field of view")
+    p.add_argument("--volume", action="append", help="only this volume (repeatable)")
+    add_dask(p)
+    p.set_defaults(func=cmd_preprocess)
 
     p = sub.add_parser("synth", help="write a deterministic labelled synthetic archive (CT DICOM + MR NIfTI)")
     p.add_argument("outdir")

@@ -36,7 +36,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from voxelflow.errors import StoreError
-from voxelflow.geometry import level_affine, voxel_sizes
+from voxelflow.geometry import level_affine, voxel_sizes  # noqa: F401 - voxel_sizes re-exported
 
 STORE_FORMAT = "voxelflow-store/1"
 NGFF_VERSION = "0.5"
