@@ -1,0 +1,118 @@
+"""ZarrPatchDataset: reads only the chunks a patch touches, samples foreground at the set rate,
+balances classes, is deterministic per seed whatever the workers, and reads fsspec stores."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from zarr.storage import LocalStore, WrapperStore
+
+from voxelflow import store as st
+from voxelflow.data import VolumeEntry, ZarrPatchDataset, make_loader, patch_dataset
+from voxelflow.preprocess import PreprocessConfig, resolve, run_local
+
+
+class CountingStore(WrapperStore):
+    """Records every key read: the evidence of what a patch costs."""
+
+    def __init__(self, store):
+        super().__init__(store)
+        self.keys: list[str] = []
+
+    async def get(self, key, prototype, byte_range=None):
+        self.keys.append(key)
+        return await super().get(key, prototype, byte_range)
+
+
+@pytest.fixture(scope="module")
+def cube(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cube")
+    st.init_store(root)
+    data = np.arange(64 * 64 * 64, dtype=np.int32).reshape(64, 64, 64)
+    st.write_volume(root, "v", data, np.eye(4), chunk=16)
+    labels = np.zeros((64, 64, 64), np.uint8)
+    labels[40:44, 10:14, 50:54] = 1
+    st.write_label(root, "v", "segmentation", labels)
+    locations = {1: np.argwhere(labels == 1)}
+    return root, data, labels, locations
+
+
+def test_a_patch_reads_only_the_chunks_it_touches(cube):
+    root, data, _, _ = cube
+    counting = CountingStore(LocalStore(str(root), read_only=True))
+    ds = ZarrPatchDataset(counting, [VolumeEntry("v", (64, 64, 64))], (20, 20, 20), label_name=None,
+                          foreground_oversample=0, samples_per_epoch=20, seed=1)
+    ds[0]  # opens the arrays (metadata reads)
+    for i in range(1, 20):
+        counting.keys.clear()
+        item = ds[i]
+        origin = item["origin"].tolist()
+        np.testing.assert_array_equal(item["image"][0].numpy(),
+                                      data[origin[0]:origin[0] + 20, origin[1]:origin[1] + 20, origin[2]:origin[2] + 20])
+        want = {f"volumes/v/s0/c/{a}/{b}/{c}" for a, b, c in itertools.product(
+            *(range(o // 16, (o + 19) // 16 + 1) for o in origin))}
+        assert set(counting.keys) == want  # every touched chunk once, nothing else
+        assert len(counting.keys) == len(want) <= 27  # a 20-voxel patch spans at most 3 chunks per axis
+
+
+def test_foreground_is_sampled_at_the_configured_rate(cube):
+    root, _, labels, locations = cube
+    entries = [VolumeEntry("v", (64, 64, 64), locations=locations)]
+    ds = ZarrPatchDataset(str(root), entries, (8, 8, 8), samples_per_epoch=3000, seed=0)
+    rate = np.mean([ds.sample(i)[2] for i in range(3000)])
+    assert abs(rate - 1 / 3) < 0.03
+    always = ZarrPatchDataset(str(root), entries, (8, 8, 8), foreground_oversample=1.0, samples_per_epoch=50)
+    for i in range(50):
+        assert always[i]["label"].sum() > 0  # every patch holds the small labelled structure
+    never = ZarrPatchDataset(str(root), entries, (8, 8, 8), foreground_oversample=0.0, samples_per_epoch=200)
+    assert np.mean([never[i]["label"].sum() > 0 for i in range(200)]) < 0.1
+
+
+def test_same_patches_whatever_the_workers_and_other_ones_next_epoch(cube):
+    root, *_ = cube
+    ds = ZarrPatchDataset(str(root), [VolumeEntry("v", (64, 64, 64))], (16, 16, 16), samples_per_epoch=12, seed=7)
+    serial = [b["origin"] for b in make_loader(ds, batch_size=3, num_workers=0)]
+    parallel = [b["origin"] for b in make_loader(ds, batch_size=3, num_workers=2)]
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel)) and len(serial) == 4
+    ds.set_epoch(1)
+    assert not all(torch.equal(a, b["origin"]) for a, b in zip(serial, make_loader(ds, batch_size=3)))
+
+
+def test_class_balanced_sampling(cube):
+    root, *_ = cube
+    entries = [VolumeEntry("v", (64, 64, 64), label="lesion")] + \
+        [VolumeEntry("v", (64, 64, 64), label="no_lesion") for _ in range(4)]
+    plain = ZarrPatchDataset(str(root), entries, (8, 8, 8), label_name=None, samples_per_epoch=2000)
+    balanced = ZarrPatchDataset(str(root), entries, (8, 8, 8), label_name=None, class_balanced=True,
+                                samples_per_epoch=2000)
+    share = [np.mean([entries[d.sample(i)[0]].label == "lesion" for i in range(2000)]) for d in (plain, balanced)]
+    assert abs(share[0] - 0.2) < 0.04 and abs(share[1] - 0.5) < 0.04
+
+
+def test_small_volumes_are_padded(cube):
+    root, data, *_ = cube
+    ds = ZarrPatchDataset(str(root), [VolumeEntry("v", (64, 64, 64))], (80, 16, 16), label_name=None,
+                          samples_per_epoch=3)
+    item = ds[0]
+    assert tuple(item["image"].shape) == (1, 80, 16, 16)
+    assert item["image"][0, 64:].abs().sum() == 0
+
+
+def test_dataset_from_a_preprocessed_split_and_an_fsspec_url(labelled_store):
+    config = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
+    run_local(config)
+    local = patch_dataset(str(labelled_store), (16, 32, 32), version=config.version(), split="train",
+                          samples_per_epoch=6)
+    remote = patch_dataset(f"file://{labelled_store}", (16, 32, 32), version=config.version(), split="train",
+                           samples_per_epoch=6)
+    from voxelflow import catalog
+
+    train = {r["volume_id"] for r in catalog.read_table(labelled_store, "splits").to_pylist() if r["split"] == "train"}
+    assert {e.volume_id for e in local.entries} == train
+    assert all(e.locations for e in local.entries)  # from preprocessing: foreground oversampling works
+    for i in range(6):
+        a, b = local[i], remote[i]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])

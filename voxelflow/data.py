@@ -1,0 +1,223 @@
+"""Patches for training, read straight from the Zarr chunks they touch.
+
+:class:`ZarrPatchDataset` is a map-style torch ``Dataset`` of random patches:
+
+* a patch reads only the chunks it overlaps (never a whole volume);
+* with probability ``foreground_oversample`` (nnU-Net's default: one third) a patch is centred
+  on a voxel of a label class (a class drawn uniformly among those present, a voxel from the
+  locations preprocessing sampled), otherwise anywhere in the volume;
+* ``class_balanced=True`` draws the volume's class uniformly first (for imbalanced
+  classification), then a volume of that class;
+* sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``: the same patches whatever the
+  number of DataLoader workers or their order; arrays are opened lazily in each worker
+  process, so the dataset is safe to send to worker processes;
+* the store can be a local path, an fsspec URL or a zarr ``Store`` object.
+
+:func:`patch_dataset` builds one from a store (or its preprocessed copy) and a split;
+:func:`make_loader` wraps it in a DataLoader.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import zarr
+from torch.utils.data import DataLoader, Dataset
+
+
+@dataclass
+class VolumeEntry:
+    volume_id: str
+    shape: tuple[int, int, int]  # (z, y, x)
+    label: str | None = None  # the volume's class, for classification
+    locations: dict[int, np.ndarray] = field(default_factory=dict)  # label value -> (n, 3) z, y, x
+
+
+def _open(store: Any, path: str) -> zarr.Array:
+    group = zarr.open_group(store=store, path=path, mode="r", zarr_format=3)
+    return group[group.attrs["ome"]["multiscales"][0]["datasets"][0]["path"]]
+
+
+class ZarrPatchDataset(Dataset):
+    """Random patches of stored volumes (and their label maps).
+
+    Args:
+        store: the store root holding ``volumes/<id>`` (path, fsspec URL or zarr Store).
+        entries: the volumes to sample from.
+        patch_size: ``(z, y, x)`` voxels; volumes smaller than a patch are zero-padded.
+        samples_per_epoch: the dataset's length.
+        label_name: label image to return as ``"label"`` (None: images only).
+        foreground_oversample: share of patches centred on a labelled voxel.
+        class_balanced: draw volumes so every class is equally likely.
+        classes: class names in a fixed order (their index is the returned ``"class"``).
+        seed: the sampling seed.
+        transform: called on each sample dict (e.g. on-the-fly augmentation).
+    """
+
+    def __init__(self, store: Any, entries: list[VolumeEntry], patch_size: tuple[int, int, int], *,
+                 samples_per_epoch: int = 256, label_name: str | None = "segmentation",
+                 foreground_oversample: float = 1 / 3, class_balanced: bool = False,
+                 classes: list[str] | None = None, seed: int = 0, transform=None):
+        if not entries:
+            raise ValueError("ZarrPatchDataset needs at least one volume")
+        self.store = store
+        self.entries = entries
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.samples_per_epoch = samples_per_epoch
+        self.label_name = label_name
+        self.foreground_oversample = foreground_oversample
+        self.class_balanced = class_balanced
+        self.classes = classes or sorted({e.label for e in entries if e.label is not None})
+        self.seed = seed
+        self.epoch = 0
+        self.transform = transform
+        self._by_class: dict[str, list[int]] = defaultdict(list)
+        for i, e in enumerate(entries):
+            if e.label is not None:
+                self._by_class[e.label].append(i)
+        if class_balanced and not self._by_class:
+            raise ValueError("class_balanced sampling needs volumes with a class label")
+        self._arrays: dict[tuple[int, str], zarr.Array] = {}
+        self._pid = None
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Other patches in another epoch (call from the training loop)."""
+        self.epoch = epoch
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = {}  # open arrays stay in the process that opened them
+        return state
+
+    def _array(self, volume_id: str, kind: str) -> zarr.Array:
+        if self._pid != os.getpid():
+            self._arrays, self._pid = {}, os.getpid()
+        key = (volume_id, kind)
+        if key not in self._arrays:
+            path = f"volumes/{volume_id}" if kind == "image" else f"volumes/{volume_id}/labels/{kind}"
+            self._arrays[key] = _open(self.store, path)
+        return self._arrays[key]
+
+    # -- sampling
+
+    def sample(self, index: int) -> tuple[int, tuple[int, int, int], bool]:
+        """``(entry index, patch origin (z, y, x), foreground?)`` of sample ``index``."""
+        rng = np.random.default_rng([self.seed, self.epoch, index])
+        if self.class_balanced:
+            cls = self.classes[int(rng.integers(len(self.classes)))]
+            members = self._by_class[cls] or list(range(len(self.entries)))
+            k = members[int(rng.integers(len(members)))]
+        else:
+            k = int(rng.integers(len(self.entries)))
+        entry = self.entries[k]
+        size = np.array(self.patch_size)
+        shape = np.array(entry.shape)
+        foreground = bool(entry.locations) and rng.random() < self.foreground_oversample
+        if foreground:
+            values = sorted(entry.locations)
+            locs = entry.locations[values[int(rng.integers(len(values)))]]
+            centre = locs[int(rng.integers(len(locs)))]
+            origin = centre - size // 2
+        else:
+            high = np.maximum(shape - size, 0)
+            origin = np.array([int(rng.integers(h + 1)) for h in high])
+        # Keep the patch inside the volume where it fits; smaller volumes are padded.
+        origin = np.clip(origin, np.minimum(0, shape - size), np.maximum(shape - size, 0))
+        return k, tuple(int(v) for v in origin), foreground
+
+    def _read(self, array: zarr.Array, origin, fill: float) -> np.ndarray:
+        lo = np.maximum(origin, 0)
+        hi = np.minimum(np.array(origin) + self.patch_size, array.shape[-3:])
+        data = array[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        if data.shape == self.patch_size:
+            return data
+        out = np.full(self.patch_size, fill, dtype=data.dtype)
+        off = lo - np.array(origin)
+        out[off[0]:off[0] + data.shape[0], off[1]:off[1] + data.shape[1], off[2]:off[2] + data.shape[2]] = data
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        k, origin, foreground = self.sample(index)
+        entry = self.entries[k]
+        image = self._read(self._array(entry.volume_id, "image"), origin, 0)
+        item: dict[str, Any] = {"image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None],
+                                "volume_id": entry.volume_id, "origin": torch.tensor(origin),
+                                "foreground": foreground}
+        if self.label_name:
+            label = self._read(self._array(entry.volume_id, self.label_name), origin, 0)
+            item["label"] = torch.from_numpy(label.astype(np.int64))[None]
+        # -1 for a volume without a class, so batches always collate
+        item["class"] = self.classes.index(entry.label) if entry.label in self.classes else -1
+        return self.transform(item) if self.transform else item
+
+
+# ----------------------------------------------------------------------------- building
+
+
+def _read_parquet(root: str, rel: str):
+    import pyarrow.parquet as pq
+
+    if "://" in root:
+        import fsspec
+
+        with fsspec.open(f"{root.rstrip('/')}/{rel}", "rb") as fh:
+            return pq.read_table(fh)
+    path = os.path.join(root, rel)
+    return pq.read_table(path) if os.path.exists(path) else None
+
+
+def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str | None = None,
+                  split: str | None = None, **kwargs: Any) -> ZarrPatchDataset:
+    """A :class:`ZarrPatchDataset` over a store's volumes, or over its preprocessed copy
+    ``version`` (whose sampled class locations drive foreground oversampling), restricted to
+    one split of the catalog. ``store`` may be a local path or an fsspec URL.
+    """
+    store = str(store)
+    classes = {r["volume_id"]: r["label"] for r in (_read_parquet(store, "catalog/classes.parquet") or
+                                                    _empty()).to_pylist()}
+    splits = {r["volume_id"]: r["split"] for r in (_read_parquet(store, "catalog/splits.parquet") or
+                                                   _empty()).to_pylist()}
+    if split is not None and not splits:
+        raise ValueError(f"{store} has no split; run `voxelflow labels --split`")
+    if version:
+        root = f"{store.rstrip('/')}/preprocessed/{version}"
+        rows = [r for r in _read_parquet(root, "catalog/preprocessed.parquet").to_pylist() if r["status"] == "done"]
+    else:
+        root = store
+        rows = [r for r in _read_parquet(store, "catalog/volumes.parquet").to_pylist() if len(r["shape"]) == 3]
+    entries = []
+    for r in rows:
+        vid = r["volume_id"]
+        if split is not None and splits.get(vid) != split:
+            continue
+        locations: dict[int, np.ndarray] = {}
+        if version:
+            table = _read_parquet(root, f"catalog/locations/{vid}.parquet")
+            if table is not None and table.num_rows:
+                labels = table.column("label").to_numpy()
+                zyx = np.stack([table.column(c).to_numpy() for c in ("z", "y", "x")], axis=1)
+                locations = {int(v): zyx[labels == v] for v in np.unique(labels)}
+        entries.append(VolumeEntry(vid, tuple(r["shape"]), classes.get(vid), locations))
+    return ZarrPatchDataset(root, entries, patch_size, **kwargs)
+
+
+def _empty():
+    import pyarrow as pa
+
+    return pa.table({"volume_id": pa.array([], pa.string())})
+
+
+def make_loader(dataset: ZarrPatchDataset, batch_size: int = 2, num_workers: int = 0, **kwargs: Any) -> DataLoader:
+    """A DataLoader for a patch dataset: worker processes open their own arrays; pinned
+    memory when CUDA is present; workers persist across epochs."""
+    return DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, shuffle=False,
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      collate_fn=kwargs.pop("collate_fn", None), **kwargs)
