@@ -95,10 +95,23 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
     from flows.preprocess import run_preprocess
 
     summary = run_preprocess(config, dask_address=args.dask_address, n_workers=args.workers, api_url=api.api_url)
-    print(f"preprocessed copy {summary['output']} (spacing {summary['spacing']} mm): "
+    print(f"preprocessed copy {summary['output']} (version {summary['version']}, spacing {summary['spacing']} mm): "
           f"{summary['processed']} processed, {summary['unchanged']} unchanged, {summary['failed']} failed")
     for vid, reason in summary["failures"]:
         print(f"  failed {vid}: {reason}")
+    return 0
+
+
+def cmd_augment(args: argparse.Namespace) -> int:
+    from voxelflow.augment import OfflineConfig
+
+    config = OfflineConfig(store=args.store, version=args.version, copies=args.copies, seed=args.seed,
+                           split=args.split or None)
+    api = _prefect_api()
+    from flows.augment import run_augment
+
+    summary = run_augment(config, dask_address=args.dask_address, n_workers=args.workers, api_url=api.api_url)
+    print(f"augmented copies in {summary['output']}: {summary['made']} made, {summary['existing']} already there")
     return 0
 
 
@@ -199,6 +212,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", help="only this volume (repeatable)")
     add_dask(p)
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("augment", help="N augmented copies per preprocessed volume, parameters stored")
+    p.add_argument("store")
+    p.add_argument("--version", required=True, help="the preprocessed copy (see `voxelflow preprocess`)")
+    p.add_argument("--copies", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split", default="train", help="only volumes of this split ('' for all)")
+    add_dask(p)
+    p.set_defaults(func=cmd_augment)
 
     p = sub.add_parser("synth", help="write a deterministic labelled synthetic archive (CT DICOM + MR NIfTI)")
     p.add_argument("outdir")
