@@ -70,27 +70,43 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """The whole learn-ready path on sample data: real files PyPI packages ship plus a
+    synthetic labelled archive -> ingest -> labels -> preprocess -> augment -> NIfTI export."""
     from voxelflow.demo import build_demo_archive
+    from voxelflow.synth import SynthConfig, build_synthetic_archive
 
     work = Path(args.workdir)
+    store = str(work / "store")
+    if Path(store).exists():
+        import shutil
+
+        shutil.rmtree(store)  # a fresh demo store each time
     sources = build_demo_archive(work / "sources")
-    print("demo sources:", *[str(s) for s in sources], sep="\n  ")
-    ns = argparse.Namespace(sources=sources, store=str(work / "store"), scratch=None,
-                            secret_file=None, batch_size=64, chunk=64,
-                            dask_address=args.dask_address, workers=args.workers, json=None)
-    cmd_ingest(ns)
-    cmd_export(argparse.Namespace(store=str(work / "store"), outdir=str(work / "nifti"), volume=None))
+    synthetic = build_synthetic_archive(work / "synthetic", SynthConfig(patients=args.patients, mr_patients=2))
+    sources.append(str(synthetic / "images"))
+    print("demo sources:", *sources, sep="\n  ")
+    common = dict(dask_address=args.dask_address, workers=args.workers)
+    cmd_ingest(argparse.Namespace(sources=sources, store=store, scratch=None, secret_file=None, batch_size=64,
+                                  chunk=64, json=None, **common))
+    cmd_labels(argparse.Namespace(store=store, segmentations=str(synthetic / "labels" / "segmentations.csv"),
+                                  classes=str(synthetic / "labels" / "labels.csv"), split="0.7,0.15,0.15",
+                                  seed=0, secret_file=None))
+    version = _preprocess(argparse.Namespace(store=store, spacing=None, interpolation="linear", no_crop=False,
+                                             volume=None, labelled_only=True, **common))
+    cmd_augment(argparse.Namespace(store=store, version=version, copies=2, seed=0, split="train", **common))
+    cmd_export(argparse.Namespace(store=store, outdir=str(work / "nifti"), volume=None))
     return 0
 
 
-def cmd_preprocess(args: argparse.Namespace) -> int:
+def _preprocess(args: argparse.Namespace) -> str:
     from voxelflow.preprocess import PreprocessConfig
     from voxelflow.store import store_id
 
     store_id(args.store)
     spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
     config = PreprocessConfig(store=args.store, volumes=args.volume or None, spacing=spacing,
-                              interpolation=args.interpolation, crop_foreground=not args.no_crop)
+                              interpolation=args.interpolation, crop_foreground=not args.no_crop,
+                              labelled_only=args.labelled_only)
     api = _prefect_api()
     from flows.preprocess import run_preprocess
 
@@ -99,6 +115,11 @@ def cmd_preprocess(args: argparse.Namespace) -> int:
           f"{summary['processed']} processed, {summary['unchanged']} unchanged, {summary['failed']} failed")
     for vid, reason in summary["failures"]:
         print(f"  failed {vid}: {reason}")
+    return summary["version"]
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    _preprocess(args)
     return 0
 
 
@@ -199,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", help="export only this volume (repeatable)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="build a sample archive from real test files, ingest it, export NIfTI")
+    p = sub.add_parser("demo", help="sample archives -> ingest -> labels -> preprocess -> augment -> NIfTI")
     p.add_argument("--workdir", default="demo-output")
+    p.add_argument("--patients", type=int, default=12, help="synthetic CT patients")
     add_dask(p)
     p.set_defaults(func=cmd_demo)
 
@@ -210,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interpolation", choices=["linear", "spline"], default="linear")
     p.add_argument("--no-crop", action="store_true", help="keep the whole field of view")
     p.add_argument("--volume", action="append", help="only this volume (repeatable)")
+    p.add_argument("--labelled-only", action="store_true", help="only volumes with a segmentation")
     add_dask(p)
     p.set_defaults(func=cmd_preprocess)
 

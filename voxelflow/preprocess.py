@@ -41,6 +41,7 @@ class PreprocessConfig(BaseModel):
 
     store: str
     volumes: list[str] | None = Field(None, description="volume ids (default: every 3-D volume)")
+    labelled_only: bool = Field(False, description="only volumes that have the label `label_name`")
     spacing: tuple[float, float, float] | None = Field(
         None, description="target (x, y, z) mm; default: the median spacing of the selected volumes")
     interpolation: Literal["linear", "spline"] = "linear"
@@ -53,7 +54,7 @@ class PreprocessConfig(BaseModel):
     seed: int = 0
 
     def version(self) -> str:
-        params = self.model_dump(exclude={"store", "volumes"}) | {"code": PREPROCESS_VERSION}
+        params = self.model_dump(exclude={"store", "volumes", "labelled_only"}) | {"code": PREPROCESS_VERSION}
         return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -66,6 +67,10 @@ def resolve(config: PreprocessConfig) -> PreprocessConfig:
     the target spacing (median of the selection, as nnU-Net does)."""
     volumes = catalog.read_table(config.store, "volumes").to_pylist()
     chosen = [v for v in volumes if len(v["shape"]) == 3 and (config.volumes is None or v["volume_id"] in config.volumes)]
+    if config.labelled_only:
+        labelled = {r["volume_id"] for r in catalog.read_table(config.store, "labels").to_pylist()
+                    if r["name"] == config.label_name}
+        chosen = [v for v in chosen if v["volume_id"] in labelled]
     spacing = config.spacing
     if spacing is None:
         if not chosen:
@@ -87,7 +92,7 @@ def _transforms(config: PreprocessConfig, modality: str | None, has_label: bool)
 
     keys = ["image", "label"] if has_label else ["image"]
     modes = ("bilinear" if config.interpolation == "linear" else 3, "nearest")[: len(keys)]
-    steps = [Orientationd(keys=keys, axcodes="RAS"),
+    steps = [Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
              Spacingd(keys=keys, pixdim=config.spacing, mode=modes, padding_mode="border")]
     ct = (modality or "").upper() == "CT"
     if config.crop_foreground:
@@ -205,7 +210,7 @@ def plan(config: PreprocessConfig) -> tuple[list[dict], list[dict]]:
 def write_catalog(config: PreprocessConfig, rows: list[dict]) -> None:
     root = output_root(config)
     catalog.upsert(root, "preprocessed", rows, PREPROCESSED_SCHEMA, ("volume_id",))
-    text = json.dumps(config.model_dump(exclude={"volumes", "store"}), indent=2)
+    text = json.dumps(config.model_dump(exclude={"volumes", "store", "labelled_only"}), indent=2)
     path = root / "config.json"
     if not path.exists() or path.read_text() != text:  # an unchanged rerun writes nothing
         path.write_text(text)
