@@ -57,6 +57,7 @@ def test_garbage_after_dicm_magic_raises_corrupt_file(tmp_path):
     ("dicomdirtests/DICOMDIR", r"DICOMDIR \(media directory index"),
     ("test-SR.dcm", r"no pixel data \(SOP class: Comprehensive SR Storage\)"),
     ("rtstruct.dcm", r"no pixel data \(SOP class: RT Structure Set Storage\)"),
+    ("liver_1frame.dcm", r"DICOM-SEG segmentation, not an image: attach it .* `voxelflow labels`"),
 ])
 def test_objects_without_pixels_are_not_images(name, reason):
     with pytest.raises(NotAnImageError, match=reason):

@@ -35,6 +35,7 @@ from voxelflow.errors import (
 from voxelflow.geometry import dicom_affine, slice_normal
 
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Native little-endian pixel data that can be read straight from the file by offset.
 DIRECT_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}
@@ -133,6 +134,9 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
     if not sop_class:
         raise CorruptFileError(path, "neither SOPClassUID nor MediaStorageSOPClassUID could be read: "
                                      "not a valid DICOM object")
+    if sop_class == SEGMENTATION_SOP_CLASS:
+        raise NotAnImageError(path, "DICOM-SEG segmentation, not an image: attach it to its image with "
+                                    "`voxelflow labels`")
     pixel_kw = next((kw for kw in PIXEL_KEYWORDS if kw in ds), None)
     if pixel_kw is None:
         raise NotAnImageError(path, f"no pixel data (SOP class: {pydicom.uid.UID(sop_class).name})")
