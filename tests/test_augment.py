@@ -112,3 +112,18 @@ def test_flow_on_dask(offline, prefect_server):
     image, _ = replay(other, rows[0]["augmented_id"])
     np.testing.assert_allclose(image, st.open_volume(output_root(other), rows[0]["augmented_id"]).array[...],
                                atol=1e-4)  # computed in a worker with 1 torch thread
+
+
+def test_on_the_fly_in_a_patch_loader_with_workers(offline):
+    from voxelflow.data import make_loader, patch_dataset
+
+    config, _ = offline
+    ds = patch_dataset(config.store, (16, 24, 24), version=config.version, split="train", samples_per_epoch=4,
+                       transform=OnTheFly(AugmentConfig(elastic_prob=0.5), seed=3))
+    serial = list(make_loader(ds, batch_size=2, num_workers=0))
+    parallel = list(make_loader(ds, batch_size=2, num_workers=2))
+    for a, b in zip(serial, parallel):
+        # equal up to float summation order: DataLoader workers run torch on one thread
+        torch.testing.assert_close(a["image"], b["image"], atol=1e-4, rtol=1e-4)
+        assert torch.equal(a["label"], b["label"]) and type(a["image"]) is torch.Tensor
+        assert a["image"].shape == (2, 1, 16, 24, 24)

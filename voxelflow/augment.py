@@ -48,7 +48,7 @@ class AugmentConfig(BaseModel):
     noise_std: tuple[float, float] = (0.0, 0.05)
     gamma: tuple[float, float] = (0.7, 1.5)
     bias_prob: float = 0.3
-    bias_coeff: float = 0.3
+    bias_coeff: float = 0.1  # MONAI's default range; larger values swamp small patches
     contrast: tuple[float, float] = (0.75, 1.25)
 
     def version(self) -> str:
@@ -134,10 +134,15 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: dict[str, Any
     img = (img - mean) * params["contrast"] + mean
     gen = torch.Generator(device="cpu").manual_seed(params["noise"]["seed"])
     img = img + torch.randn(img.shape, generator=gen).to(dev) * params["noise"]["std"] * float(hi - lo)
-    img = torch.as_tensor(img).float()
+    img = _plain(img).float()
     if lab is not None:
-        lab = torch.round(torch.as_tensor(lab)).to(torch.int64)
+        lab = torch.round(_plain(lab)).to(torch.int64)
     return img, lab
+
+
+def _plain(t) -> torch.Tensor:
+    """A plain tensor (MONAI returns MetaTensors, which collate and pickle slower)."""
+    return t.as_tensor() if hasattr(t, "as_tensor") else torch.as_tensor(t)
 
 
 class OnTheFly:
