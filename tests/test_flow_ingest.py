@@ -51,7 +51,9 @@ def planted_source(tmp_path_factory):
     return root / "src", sorted(PLANTED.values()) + sorted(uids)
 
 
-def _read_run(flow_run_id: str, expect_logs: str):
+def _read_run(flow_run_id: str, *expect_logs: str):
+    """The run, its logs, artifacts and task runs; waits (up to 60 s) until a log containing
+    each of ``expect_logs`` has arrived: worker processes send theirs in batches."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -64,10 +66,10 @@ def _read_run(flow_run_id: str, expect_logs: str):
 
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(uuid.UUID(flow_run_id))
-        deadline = time.monotonic() + 30
-        while True:  # logs from worker processes arrive in batches
+        deadline = time.monotonic() + 60
+        while True:
             logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run.id])))
-            if any(expect_logs in log.message for log in logs) or time.monotonic() > deadline:
+            if all(any(e in log.message for log in logs) for e in expect_logs) or time.monotonic() > deadline:
                 break
             time.sleep(1)
         artifacts = client.read_artifacts(
@@ -88,7 +90,7 @@ def test_flow_on_local_cluster_deidentifies_everything(tmp_path, planted_source,
     assert (summary["files"], summary["converted"], summary["skipped"], summary["failed"]) == (20, 19, 1, 0)
     assert summary["volumes"] == 4
 
-    run, logs, artifacts, task_runs = _read_run(summary["flow_run_id"], "ingest done")
+    run, logs, artifacts, task_runs = _read_run(summary["flow_run_id"], "ingest done", "on worker pid")
     assert run.state.is_completed()
     names = sorted(t.name.rsplit("-", 1)[0] for t in task_runs)
     assert names.count("scan-headers") == 5  # 20 files in batches of 4: never a task per file
@@ -164,7 +166,7 @@ def test_flow_on_an_existing_dask_cluster(tmp_path, planted_source, prefect_serv
         source, _ = planted_source
         summary = run_ingest(ingest_config([source], tmp_path / "store", batch_size=8), dask_address=address)
         assert (summary["converted"], summary["volumes"]) == (19, 4)
-        _, logs, _, _ = _read_run(summary["flow_run_id"], "ingest done")
+        _, logs, _, _ = _read_run(summary["flow_run_id"], "ingest done", "on worker pid")
         pids = {int(m.group(1)) for log in logs if (m := re.search(r"on worker pid (\d+)", log.message))}
         assert pids and pids <= worker_pids
     finally:
