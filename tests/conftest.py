@@ -79,11 +79,17 @@ def labelled_store(tmp_path_factory):
     from voxelflow.labels import import_classes, import_segmentations, make_split
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
+    import base64
+
     root = tmp_path_factory.mktemp("labelled-store")
     archive = build_synthetic_archive(root / "archive", SynthConfig(patients=6, mr_patients=1, shape=(16, 48, 48)))
     store = root / "store"
-    run_local(ingest_config([archive / "images"], store))
-    key = store_key(str(store))
+    # A fixed key: pseudonyms, volume ids, the split and so every sampled patch are the same
+    # in every test session.
+    key_file = root / "test.key"
+    key_file.write_bytes(base64.b64encode(bytes(range(32))))
+    run_local(ingest_config([archive / "images"], store, secret_file=str(key_file)))
+    key = store_key(str(store), str(key_file))
     import_segmentations(store, archive / "labels" / "segmentations.csv", key)
     import_classes(store, archive / "labels" / "labels.csv", key)
     make_split(store, seed=0)

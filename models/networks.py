@@ -1,0 +1,72 @@
+"""The networks voxelflow trains, built from MONAI's implementations.
+
+``build(task, ...)`` returns the model (or, for a GAN, generator and discriminator):
+
+* ``segmentation``: a 3-D residual U-Net (``monai.networks.nets.UNet``);
+* ``classification``: a ResNet-10 classifier, 2-D or 3-D (``monai.networks.nets.resnet10``);
+* ``autoencoder``: a convolutional autoencoder (``monai.networks.nets.AutoEncoder``) for
+  denoising / reconstruction;
+* ``gan``: a generator (``monai.networks.nets.Generator``, from a latent vector) and a patch
+  discriminator (``monai.networks.nets.PatchDiscriminator``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+TASKS = ("segmentation", "classification", "autoencoder", "gan")
+
+
+def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dims: int = 3,
+          channels: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.1,
+          patch_size: Sequence[int] = (32, 64, 64), latent_size: int = 64) -> nn.Module | tuple[nn.Module, nn.Module]:
+    """Build the network of ``task``.
+
+    Args:
+        out_channels: segmentation classes (background included) or classifier classes.
+        channels: feature maps per resolution level (the model's size).
+        patch_size: the input size (a GAN's generator produces this shape).
+    """
+    from monai.networks.nets import AutoEncoder, Generator, PatchDiscriminator, UNet, resnet10
+
+    channels = tuple(int(c) for c in channels)
+    strides = (2,) * (len(channels) - 1)
+    if task == "segmentation":
+        return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                    channels=channels, strides=strides, num_res_units=2, norm="INSTANCE", dropout=dropout)
+    if task == "classification":
+        # a quarter of ResNet-10's width: 0.9 M parameters, enough for CT volumes and fast on CPU
+        return resnet10(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels,
+                        feed_forward=True, widen_factor=0.25)
+    if task == "autoencoder":
+        return AutoEncoder(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
+                           channels=channels[:-1], strides=strides, num_res_units=1, dropout=dropout)
+    if task == "gan":
+        levels = len(channels) - 1
+        start = [int(s) // 2 ** levels for s in patch_size]
+        if any(s < 1 or s * 2 ** levels != int(p) for s, p in zip(start, patch_size)):
+            raise ValueError(f"GAN patch size {tuple(patch_size)} must be divisible by {2 ** levels}")
+        generator = Generator(latent_shape=(latent_size,), start_shape=(channels[-1], *start),
+                              channels=tuple(reversed(channels[1:-1])) + (in_channels,), strides=(2,) * levels)
+        # as many downsampling layers as the smallest patch axis allows (kernel 4 needs >= 4 voxels)
+        layers = max(1, min(3, int(np.log2(min(int(p) for p in patch_size))) - 2))
+        discriminator = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels[0], in_channels=in_channels,
+                                           num_layers_d=layers, norm="INSTANCE", dropout=dropout)
+        return generator, discriminator
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def autocast(device: torch.device, enabled: bool):
+    """Mixed precision on CUDA (bf16 where supported), a no-op elsewhere."""
+    if device.type != "cuda" or not enabled:
+        return torch.autocast(device_type="cpu", enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)

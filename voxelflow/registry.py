@@ -1,0 +1,113 @@
+"""The model registry inside the store.
+
+    STORE/models/<name>/<version>/   checkpoint.pt (last epoch, to resume), weights.pt (best),
+                                     model.json (config, data snapshot, code version, metrics)
+    STORE/models/<name>/current.json the version in use; moves only when a new version beats it
+
+A version's id is a digest of its training configuration and the data snapshot it saw, so a
+killed training run resumes in the same folder. Promotion compares validation metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from voxelflow.errors import StoreError
+
+
+def models_dir(store: str | os.PathLike, name: str) -> Path:
+    return Path(store) / "models" / name
+
+
+def data_snapshot(store: str | os.PathLike, preprocessed: str | None = None) -> dict[str, Any]:
+    """Digests of the catalog tables a model was trained on (volumes, labels, classes, split)
+    and of the preprocessed copy's catalog."""
+    store = Path(store)
+    parts = {}
+    for name in ("volumes", "labels", "classes", "splits"):
+        path = store / "catalog" / f"{name}.parquet"
+        parts[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+    if preprocessed:
+        path = store / "preprocessed" / preprocessed / "catalog" / "preprocessed.parquet"
+        parts["preprocessed"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+    catalog_digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return {"catalog_digest": catalog_digest, "tables": parts, "preprocessed_version": preprocessed}
+
+
+def code_version() -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package = version("voxelflow")
+    except PackageNotFoundError:
+        package = None
+    commit = None
+    try:
+        here = Path(__file__).resolve().parent
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"package": package, "commit": commit}
+
+
+def version_id(config: dict[str, Any], snapshot: dict[str, Any]) -> str:
+    blob = json.dumps({"config": config, "data": snapshot["catalog_digest"]}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def version_dir(store: str | os.PathLike, name: str, version: str) -> Path:
+    return models_dir(store, name) / version
+
+
+def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    os.replace(tmp, path)
+
+
+def register(store: str | os.PathLike, name: str, version: str, *, config: dict[str, Any],
+             snapshot: dict[str, Any], metrics: dict[str, Any], monitor: str) -> Path:
+    """Record a trained version (its folder already holds ``weights.pt``)."""
+    folder = version_dir(store, name, version)
+    if not (folder / "weights.pt").exists():
+        raise StoreError(f"model {name}/{version} has no weights.pt in {folder}")
+    _write_json_atomic(folder / "model.json", {
+        "name": name, "version": version, "config": config, "data": snapshot, "code": code_version(),
+        "metrics": metrics, "monitor": monitor, "registered_at": datetime.now(timezone.utc).isoformat()})
+    return folder
+
+
+def current(store: str | os.PathLike, name: str) -> dict[str, Any] | None:
+    path = models_dir(store, name) / "current.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def promote_if_better(store: str | os.PathLike, name: str, version: str) -> bool:
+    """Point ``current`` at ``version`` if its validation ``monitor`` metric beats the current
+    version's (higher is better), or if there is none. Returns whether it moved."""
+    info = json.loads((version_dir(store, name, version) / "model.json").read_text())
+    value = float(info["metrics"]["validation"][info["monitor"]])
+    now = current(store, name)
+    if now is not None and now["version"] != version and float(now["value"]) >= value:
+        return False
+    _write_json_atomic(models_dir(store, name) / "current.json",
+                       {"version": version, "monitor": info["monitor"], "value": value,
+                        "previous": now["version"] if now else None,
+                        "promoted_at": datetime.now(timezone.utc).isoformat()})
+    return True
+
+
+def list_versions(store: str | os.PathLike, name: str) -> list[dict[str, Any]]:
+    root = models_dir(store, name)
+    out = []
+    for path in sorted(root.glob("*/model.json")) if root.exists() else []:
+        out.append(json.loads(path.read_text()))
+    return out
