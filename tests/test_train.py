@@ -85,3 +85,29 @@ def test_registry_promotes_only_a_better_model(data, tmp_path):
     info = json.loads((registry.version_dir(store, "seg-test", "v3") / "model.json").read_text())
     assert info["data"]["catalog_digest"] == snapshot["catalog_digest"] and info["code"]["package"]
     shutil.rmtree(registry.models_dir(store, "seg-test"))
+
+
+@pytest.mark.slow
+def test_train_flow_registers_and_reports(data, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.train import run_train
+    from models.run import TrainRun
+
+    store, version = data
+    run = TrainRun(store=store, version=version, name="seg-flow",
+                   train=TrainConfig(task="segmentation", **{**SMALL, "epochs": 2}))
+    summary = run_train(run, n_workers=1)
+    assert summary["promoted"] is True and summary["epochs"] == 2
+    assert registry.current(store, "seg-flow")["version"] == summary["version"]
+    assert 0.0 <= summary["test"]["dice"] <= 1.0 and summary["test"]["volumes"] >= 1
+    info = json.loads((registry.version_dir(store, "seg-flow", summary["version"]) / "model.json").read_text())
+    assert [h["epoch"] for h in info["metrics"]["history"]] == [1, 2]
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts(artifact_filter=ArtifactFilter(
+            key=ArtifactFilterKey(any_=["train-seg-flow-epochs", "train-seg-flow-test", "train-seg-flow-curve"])))}
+    assert keys == {"train-seg-flow-epochs", "train-seg-flow-test", "train-seg-flow-curve"}
+    # the same run again resumes from its finished checkpoint: no more epochs, same version
+    again = run_train(run, n_workers=1)
+    assert again["version"] == summary["version"] and again["epochs"] == 2

@@ -136,6 +136,29 @@ def cmd_augment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from models.run import TrainRun
+    from models.train import TrainConfig
+
+    settings: dict = {"task": args.task}
+    if args.config:
+        settings |= json.loads(Path(args.config).read_text())
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        settings[key] = json.loads(value) if value[:1] in "[{0123456789-.tfn" else value
+    run = TrainRun(store=args.store, version=args.version, name=args.name, train=TrainConfig(**settings),
+                   augment=not args.no_augment)
+    api = _prefect_api()
+    from flows.train import run_train
+
+    summary = run_train(run, gpu=args.gpu, dask_address=args.dask_address, n_workers=args.workers,
+                        api_url=api.api_url)
+    test = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary["test"].items()}
+    print(f"model {summary['name']}/{summary['version']} ({summary['epochs']} epochs on {summary['device']}, "
+          f"{summary['stopped']}): test {test}; promoted: {summary['promoted']}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
@@ -244,6 +267,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="only volumes of this split ('' for all)")
     add_dask(p)
     p.set_defaults(func=cmd_augment)
+
+    p = sub.add_parser("train", help="train a model on a preprocessed copy; register and promote it")
+    p.add_argument("store")
+    p.add_argument("--version", required=True, help="the preprocessed copy")
+    p.add_argument("--task", choices=["segmentation", "classification", "autoencoder", "gan"], default="segmentation")
+    p.add_argument("--config", help="JSON file of TrainConfig fields")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (JSON value)")
+    p.add_argument("--name", help="registry name (default: the task)")
+    p.add_argument("--no-augment", action="store_true", help="no on-the-fly augmentation")
+    p.add_argument("--gpu", action="store_true", default=None, help="run on a Dask worker with resource GPU")
+    add_dask(p)
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("synth", help="write a deterministic labelled synthetic archive (CT DICOM + MR NIfTI)")
     p.add_argument("outdir")

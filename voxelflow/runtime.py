@@ -199,11 +199,23 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
                         "dashboard_address": ":0"})
 
 
+def local_gpus() -> int:
+    """How many NVIDIA GPUs this machine exposes (device files; no CUDA import)."""
+    import glob
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0
+    return len(glob.glob("/dev/nvidia[0-9]*"))
+
+
 def local_cluster(**kwargs):
     """A distributed.LocalCluster whose worker processes start with :data:`WORKER_ENV`
     (it must be set before the process starts: glibc reads it once)."""
     import dask
     from distributed import LocalCluster
 
+    if local_gpus() and "resources" not in kwargs:
+        kwargs["resources"] = {"GPU": 1}  # lets GPU-annotated tasks (training) run here
     with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in WORKER_ENV.items()}):
         return LocalCluster(**kwargs)

@@ -1,0 +1,124 @@
+"""Final evaluation on the test split, per task.
+
+* segmentation: sliding-window prediction (MONAI) over each whole test volume; Dice and 95 %
+  Hausdorff distance (mm) per class against the stored label;
+* classification: test patches; accuracy, precision, recall, F1, ROC-AUC, confusion matrix;
+* autoencoder: PSNR and SSIM of reconstructions of test patches;
+* GAN: intensity statistics of generated against real patches, and a sample grid image.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from models.networks import autocast
+
+
+@torch.no_grad()
+def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_classes: int,
+                 device: torch.device, label_name: str = "segmentation") -> dict[str, Any]:
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import compute_hausdorff_distance
+
+    from voxelflow.store import open_label, open_volume
+
+    model.eval()
+    per_class: dict[int, dict[str, list[float]]] = {k: {"dice": [], "hd95": []} for k in range(1, num_classes)}
+    for vid in volume_ids:
+        vol = open_volume(store_root, vid)
+        image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None].to(device)
+        truth = torch.from_numpy(open_label(store_root, vid, label_name)[...].astype(np.int64))
+        with autocast(device, True):
+            logits = sliding_window_inference(image, roi_size=tuple(patch_size), sw_batch_size=2,
+                                              predictor=model, overlap=0.25, mode="gaussian")
+        pred = logits.float().argmax(1)[0].cpu()
+        spacing = [float(s) for s in np.sqrt((vol.affine[:3, :3] ** 2).sum(0))[::-1]]  # (z, y, x)
+        for k in per_class:
+            p, t = pred == k, truth == k
+            if t.sum() == 0:
+                continue
+            inter = float((p & t).sum())
+            per_class[k]["dice"].append(2 * inter / float(p.sum() + t.sum()))
+            if p.any():
+                hd = compute_hausdorff_distance(p[None, None].float(), t[None, None].float(), percentile=95,
+                                                spacing=spacing)
+                per_class[k]["hd95"].append(float(hd))
+    out = {}
+    for k, m in per_class.items():
+        out[f"dice_{k}"] = float(np.mean(m["dice"])) if m["dice"] else math.nan
+        out[f"hd95_mm_{k}"] = float(np.mean(m["hd95"])) if m["hd95"] else math.nan
+    dices = [v for k, v in out.items() if k.startswith("dice_") and not math.isnan(v)]
+    out["dice"] = float(np.mean(dices)) if dices else math.nan
+    out["volumes"] = len(volume_ids)
+    return out
+
+
+@torch.no_grad()
+def classification(model, batches: list[dict], num_classes: int, device: torch.device,
+                   positive: int = 0) -> dict[str, Any]:
+    from monai.metrics import compute_roc_auc
+
+    model.eval()
+    ys, probs = [], []
+    for b in batches:
+        keep = b["class"] >= 0
+        if keep.any():
+            with autocast(device, True):
+                probs.append(torch.softmax(model(b["image"][keep].to(device)).float(), 1).cpu())
+            ys.append(b["class"][keep])
+    y, p = torch.cat(ys), torch.cat(probs)
+    pred = p.argmax(1)
+    confusion = [[int(((y == t) & (pred == q)).sum()) for q in range(num_classes)] for t in range(num_classes)]
+    tp = confusion[positive][positive]
+    fp = sum(confusion[t][positive] for t in range(num_classes)) - tp
+    fn = sum(confusion[positive]) - tp
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    onehot = torch.nn.functional.one_hot(y, num_classes).float()
+    auc = float(compute_roc_auc(p[:, positive], onehot[:, positive])) if 0 < int(onehot[:, positive].sum()) < len(y) \
+        else math.nan
+    return {"accuracy": float((pred == y).float().mean()), "precision": precision, "recall": recall, "f1": f1,
+            "roc_auc": auc, "confusion": confusion, "samples": int(len(y))}
+
+
+@torch.no_grad()
+def autoencoder(model, batches: list[dict], device: torch.device) -> dict[str, Any]:
+    from monai.metrics import PSNRMetric, SSIMMetric
+
+    model.eval()
+    psnr, ssim = [], []
+    for b in batches:
+        x = b["image"].to(device)
+        with autocast(device, True):
+            r = model(x).float()
+        rng = float(x.max() - x.min()) or 1.0
+        psnr.append(float(PSNRMetric(max_val=rng)(r, x).mean()))
+        ssim.append(float(SSIMMetric(spatial_dims=3, data_range=rng, win_size=5)(r, x).mean()))
+    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "samples": len(batches)}
+
+
+@torch.no_grad()
+def gan(generator, batches: list[dict], latent_size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
+    generator.eval()
+    real = torch.cat([b["image"] for b in batches])
+    z = torch.randn(real.shape[0], latent_size, generator=torch.Generator().manual_seed(seed)).to(device)
+    with autocast(device, True):
+        fake = generator(z).float().cpu()
+    return {"real_mean": float(real.mean()), "real_std": float(real.std()), "fake_mean": float(fake.mean()),
+            "fake_std": float(fake.std()), "samples": int(real.shape[0]), "_fake": fake}
+
+
+def sample_grid(volumes: torch.Tensor, columns: int = 4) -> np.ndarray:
+    """Middle slices of ``(N, 1, z, y, x)`` volumes tiled into a uint8 image."""
+    slices = [v[0, v.shape[1] // 2].numpy() for v in volumes[: columns * 2]]
+    lo, hi = min(float(s.min()) for s in slices), max(float(s.max()) for s in slices)
+    tiles = [np.clip((s - lo) / ((hi - lo) or 1.0), 0, 1) for s in slices]
+    while len(tiles) % columns:
+        tiles.append(np.zeros_like(tiles[0]))
+    rows = [np.concatenate(tiles[i:i + columns], axis=1) for i in range(0, len(tiles), columns)]
+    return (np.concatenate(rows, axis=0) * 255).astype(np.uint8)

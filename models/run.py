@@ -1,0 +1,151 @@
+"""A whole training run against a store: data from the preprocessed copy's splits, ``fit``,
+evaluation on the test split, registration and promotion. No Prefect here (``tasks/train.py``
+adds artifacts)."""
+
+from __future__ import annotations
+
+import shutil
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from models import evaluate
+from models.networks import build
+from models.train import TrainConfig, fit
+from voxelflow import catalog, registry
+from voxelflow.data import make_loader, patch_dataset
+
+MONITOR = {"segmentation": "dice", "classification": "f1", "autoencoder": "psnr", "gan": "monitor"}
+
+
+class TrainRun(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    store: str
+    version: str  # the preprocessed copy
+    name: str | None = None  # registry name (default: the task)
+    train: TrainConfig = TrainConfig()
+    augment: bool = True  # on-the-fly augmentation of training patches
+    label_name: str = "segmentation"
+
+
+def _datasets(run: TrainRun):
+    from voxelflow.augment import AugmentConfig, OnTheFly
+
+    c = run.train
+    kw = dict(class_balanced=True, foreground_oversample=1.0) if c.task == "classification" else {}
+    n = c.steps_per_epoch * c.batch_size
+    transform = OnTheFly(AugmentConfig(elastic_prob=0.0), seed=c.seed) if run.augment else None
+    train = patch_dataset(run.store, c.patch_size, version=run.version, split="train", samples_per_epoch=n,
+                          seed=c.seed, transform=transform, label_name=run.label_name, **kw)
+    val = patch_dataset(run.store, c.patch_size, version=run.version, split="validation",
+                        samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=run.label_name, **kw)
+    return train, val
+
+
+def _class_counts(run: TrainRun, classes: list[str]) -> tuple[dict[int, int], int]:
+    if run.train.task == "classification":
+        rows = catalog.read_table(run.store, "classes").to_pylist()
+        counts = defaultdict(int)
+        for r in rows:
+            if r["label"] in classes:
+                counts[classes.index(r["label"])] += 1
+        return dict(counts), max(2, len(classes))
+    counts = defaultdict(int)
+    for r in catalog.read_table(run.store, "labels").to_pylist():
+        if r["name"] == run.label_name:
+            for v, n in zip(r["values"], r["voxels"]):
+                counts[int(v)] += int(n)
+    return dict(counts), max(2, max(counts, default=1) + 1)
+
+
+def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = None) -> dict[str, Any]:
+    """Train (resuming if this exact run was interrupted), evaluate, register, promote."""
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    c = run.train
+    name = run.name or c.task
+    snapshot = registry.data_snapshot(run.store, run.version)
+    version = registry.version_id(run.model_dump(exclude={"store"}), snapshot)
+    folder = registry.version_dir(run.store, name, version)
+    train, val = _datasets(run)
+    counts, num_classes = _class_counts(run, train.classes)
+    result = fit(c, train, val, folder, num_classes=num_classes, class_counts=counts, device=device,
+                 on_epoch=on_epoch)
+    shutil.copyfile(folder / "best.pt", folder / "weights.pt")
+    best = torch.load(folder / "weights.pt", map_location=device, weights_only=True)
+    test_metrics = _evaluate(run, best, num_classes, device, folder)
+    history = result["history"]
+    best_row = next(h for h in history if h["epoch"] == result["best_epoch"])
+    metrics = {"validation": best_row, "test": test_metrics, "history": history, "stopped": result["stopped"]}
+    registry.register(run.store, name, version, config=run.model_dump(exclude={"store"}), snapshot=snapshot,
+                      metrics=metrics, monitor=MONITOR[c.task])
+    promoted = registry.promote_if_better(run.store, name, version)
+    _curve(history, folder / "curve.png", f"validation {MONITOR[c.task] if c.task != 'gan' else '-stat distance'}")
+    return {"name": name, "version": version, "folder": str(folder), "promoted": promoted, "device": str(device),
+            "best_epoch": result["best_epoch"], "validation": best_row, "test": test_metrics,
+            "epochs": len(history), "stopped": result["stopped"]}
+
+
+def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.device, folder) -> dict[str, Any]:
+    from voxelflow.store import write_volume  # noqa: F401 - keeps the import graph explicit
+
+    c = run.train
+    splits = {r["volume_id"]: r["split"] for r in catalog.read_table(run.store, "splits").to_pylist()}
+    root = f"{run.store}/preprocessed/{run.version}"
+    done = [r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist() if r["status"] == "done"]
+    test_ids = [v for v in done if splits.get(v) == "test"]
+    if c.task == "gan":
+        g, _ = build("gan", channels=c.channels, patch_size=c.patch_size, latent_size=c.latent_size)
+        g.load_state_dict(weights["generator"])
+        g.to(device)
+    else:
+        model = build(c.task, out_channels=num_classes, channels=c.channels, dropout=c.dropout)
+        model.load_state_dict(weights["model"])
+        model.to(device)
+    if c.task == "segmentation":
+        labelled = {r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist() if r["classes"]}
+        return evaluate.segmentation(model, root, [v for v in test_ids if v in labelled], c.patch_size, num_classes,
+                                     device, run.label_name)
+    kw = dict(class_balanced=True, foreground_oversample=1.0) if c.task == "classification" else {}
+    test = patch_dataset(run.store, c.patch_size, version=run.version, split="test",
+                         samples_per_epoch=max(8, c.val_steps * c.batch_size), seed=c.seed + 2,
+                         label_name=run.label_name, **kw)
+    batches = list(make_loader(test, batch_size=c.batch_size))
+    if c.task == "classification":
+        return evaluate.classification(model, batches, num_classes, device)
+    if c.task == "autoencoder":
+        return evaluate.autoencoder(model, batches, device)
+    out = evaluate.gan(g, batches, c.latent_size, device, seed=c.seed)
+    from PIL import Image
+
+    Image.fromarray(evaluate.sample_grid(out.pop("_fake"))).save(folder / "samples.png")
+    return out
+
+
+def _curve(history: list[dict], path, monitor_label: str) -> None:
+    """Training loss and validation metric per epoch, drawn with PIL (no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    w, h, pad = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.rectangle([pad, pad, w - pad, h - pad], outline="black")
+    epochs = [r["epoch"] for r in history]
+    for key, colour in (("train_loss", (200, 40, 40)), ("monitor", (30, 90, 200))):
+        values = np.array([r[key] for r in history], dtype=float)
+        if len(values) < 1 or not np.isfinite(values).any():
+            continue
+        lo, hi = np.nanmin(values), np.nanmax(values)
+        span = (hi - lo) or 1.0
+        pts = [(pad + (e - epochs[0]) / max(1, epochs[-1] - epochs[0]) * (w - 2 * pad),
+                h - pad - (v - lo) / span * (h - 2 * pad)) for e, v in zip(epochs, values)]
+        if len(pts) > 1:
+            draw.line(pts, fill=colour, width=3)
+        name = "training loss" if key == "train_loss" else monitor_label
+        draw.text((w - pad - 230, h - pad - (40 if key == "train_loss" else 22)),
+                  f"{name} ({lo:.3g} .. {hi:.3g})", fill=colour)
+    draw.text((w // 2 - 20, h - pad + 10), f"epoch {epochs[0]}..{epochs[-1]}", fill="black")
+    img.save(path)

@@ -1,0 +1,52 @@
+"""Training task: one model on one Dask worker (a GPU worker when asked), with per-epoch
+progress and the metrics table, curve and sample images as Prefect artifacts."""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+
+from models.run import TrainRun, train_model
+from tasks.retry import RETRY
+
+
+def _png_markdown(path: Path, title: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{path}`"
+
+
+@task(name="train-model", cache_policy=NO_CACHE, **RETRY)
+def train(run: TrainRun) -> dict:
+    log = get_run_logger()
+    progress = create_progress_artifact(progress=0.0, description=f"training {run.name or run.train.task}")
+
+    def on_epoch(row: dict) -> None:
+        update_progress_artifact(progress, 100.0 * row["epoch"] / run.train.epochs)
+        log.info("epoch %d: loss %.4f, validation %.4f, %.1f samples/s, data wait %.0f%%", row["epoch"],
+                 row["train_loss"], row["monitor"], row["samples_per_s"], 100 * row["data_wait_share"])
+
+    summary = train_model(run, on_epoch=on_epoch)
+    update_progress_artifact(progress, 100.0)
+    key = f"train-{summary['name']}".lower().replace("_", "-")
+    history = __import__("json").loads((Path(summary["folder"]) / "model.json").read_text())["metrics"]["history"]
+    create_table_artifact(key=f"{key}-epochs", table=[{k: (round(v, 4) if isinstance(v, float) else v)
+                                                        for k, v in r.items()} for r in history],
+                          description=f"{summary['name']} {summary['version']}: metrics per epoch")
+    test = {k: v for k, v in summary["test"].items() if not isinstance(v, list)}
+    create_table_artifact(key=f"{key}-test", table=[{"metric": k, "value": v} for k, v in test.items()],
+                          description=f"{summary['name']} {summary['version']}: test split "
+                                      f"(promoted: {summary['promoted']})")
+    folder = Path(summary["folder"])
+    create_markdown_artifact(key=f"{key}-curve", markdown=_png_markdown(folder / "curve.png", "Training curve"))
+    if (folder / "samples.png").exists():
+        create_markdown_artifact(key=f"{key}-samples", markdown=_png_markdown(folder / "samples.png", "Samples"))
+    return summary
