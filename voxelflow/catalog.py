@@ -68,8 +68,20 @@ PREPROCESSED_SCHEMA = pa.schema([  # preprocessed/<version>/catalog/preprocessed
 LOCATION_SCHEMA = pa.schema([  # preprocessed/<version>/catalog/locations/<volume_id>.parquet
     ("volume_id", pa.string()), ("label", pa.int64()), ("z", pa.int32()), ("y", pa.int32()), ("x", pa.int32()),
 ])
+PREDICTION_SCHEMA = pa.schema([
+    ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("task", pa.string()),
+    ("label_name", pa.string()), ("classes", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())),
+    ("prediction", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
+])
+LESION_SCHEMA = pa.schema([
+    ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("label", pa.int64()),
+    ("component", pa.int64()), ("voxels", pa.int64()), ("volume_ml", pa.float64()),
+    ("centroid_mm", pa.list_(pa.float64())), ("bbox_min_mm", pa.list_(pa.float64())),
+    ("bbox_max_mm", pa.list_(pa.float64())), ("max_probability", pa.float64()),
+])
 SCHEMAS = {"volumes": VOLUME_SCHEMA, "files": FILE_SCHEMA, "labels": LABEL_SCHEMA, "classes": CLASS_SCHEMA,
-           "splits": SPLIT_SCHEMA, "preprocessed": PREPROCESSED_SCHEMA}
+           "splits": SPLIT_SCHEMA, "preprocessed": PREPROCESSED_SCHEMA, "predictions": PREDICTION_SCHEMA,
+           "lesions": LESION_SCHEMA}
 
 STATUSES = ("converted", "skipped", "failed")
 

@@ -159,6 +159,30 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_infer(args: argparse.Namespace) -> int:
+    from voxelflow.infer import InferConfig
+
+    config = InferConfig(store=args.store, name=args.name, version=args.model, split=args.split or None,
+                         volumes=args.volume or None)
+    api = _prefect_api()
+    from flows.infer import run_infer
+
+    summary = run_infer(config, gpu=args.gpu, dask_address=args.dask_address, n_workers=args.workers,
+                        api_url=api.api_url)
+    print(f"model {summary['model']}/{summary['version']}: {summary['predicted']} volumes predicted, "
+          f"{summary['skipped']} already done, {summary['lesions']} lesions in catalog/lesions.parquet")
+    if args.export:
+        from voxelflow import catalog
+        from voxelflow.export import export_label
+
+        rows = [r for r in catalog.read_table(args.store, "predictions").to_pylist()
+                if r["model"] == summary["model"] and r["version"] == summary["version"] and r["label_name"]]
+        for r in rows:
+            export_label(args.store, r["volume_id"], r["label_name"], Path(args.export) / f"{r['volume_id']}_pred.nii.gz")
+        print(f"exported {len(rows)} predictions to {args.export}")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
@@ -279,6 +303,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", default=None, help="run on a Dask worker with resource GPU")
     add_dask(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("infer", help="run a registered model over the store; predictions into the store")
+    p.add_argument("store")
+    p.add_argument("--name", default="segmentation", help="registry name of the model")
+    p.add_argument("--model", help="model version (default: the registry's current one)")
+    p.add_argument("--split", help="only volumes of this split")
+    p.add_argument("--volume", action="append", help="only this volume (repeatable)")
+    p.add_argument("--export", help="also write segmentation predictions as NIfTI into this folder")
+    p.add_argument("--gpu", action="store_true", default=None, help="run on Dask workers with resource GPU")
+    add_dask(p)
+    p.set_defaults(func=cmd_infer)
 
     p = sub.add_parser("synth", help="write a deterministic labelled synthetic archive (CT DICOM + MR NIfTI)")
     p.add_argument("outdir")

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import nibabel as nib
+import numpy as np
 
 from voxelflow import catalog
 from voxelflow.store import open_volume
@@ -38,3 +39,18 @@ def export_nifti(store: str | os.PathLike, outdir: str | os.PathLike,
     ids = volume_ids or catalog.read_table(store, "volumes").column("volume_id").to_pylist()
     return [export_volume(store, vid, Path(outdir) / f"{vid}.nii.gz") for vid in ids]
 
+
+
+def export_label(store: str | os.PathLike, volume_id: str, name: str, out_path: str | os.PathLike) -> Path:
+    """Write a stored label map (e.g. a prediction) as NIfTI on its volume's exact grid."""
+    from voxelflow.store import open_label
+
+    vol = open_volume(store, volume_id)
+    data = np.ascontiguousarray(np.transpose(open_label(store, volume_id, name)[...], (2, 1, 0)))
+    img = nib.Nifti1Image(data, vol.affine)
+    img.set_sform(vol.affine, code=1)
+    img.set_qform(vol.affine, code=1)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, out)
+    return out

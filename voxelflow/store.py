@@ -304,7 +304,8 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
 
 
 def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.ndarray,
-                properties: list[dict[str, Any]] | None = None, chunk: int = DEFAULT_CHUNK) -> str:
+                properties: list[dict[str, Any]] | None = None, chunk: int = DEFAULT_CHUNK,
+                attributes: dict[str, Any] | None = None) -> str:
     """Store a label map as the OME-Zarr label image ``volumes/<id>/labels/<name>``.
 
     ``labels`` must be on the volume's grid, in its array order ``(z, y, x)``; the pyramid has
@@ -339,7 +340,7 @@ def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.
                 "version": NGFF_VERSION,
                 "colors": [{"label-value": v, "rgba": palette[i % len(palette)]} for i, v in enumerate(values)],
                 "properties": properties or [{"label-value": v} for v in values],
-                "source": {"image": "../../"}}}})
+                "source": {"image": "../../"}}}, "voxelflow": dict(attributes or {})})
         if not (labels_dir / "zarr.json").exists():
             zarr.open_group(store=str(labels_dir), mode="a", zarr_format=3)
         _publish(staging, labels_dir / name)
