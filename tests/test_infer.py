@@ -74,3 +74,27 @@ def test_lesion_table_measures_components():
     assert big["centroid_mm"] == pytest.approx([3.0, 3.0, 4.5])  # (x, y, z) of index centre (1.5, 1.5, 1.5)
     assert big["bbox_min_mm"] == pytest.approx([2.0, 2.0, 3.0]) and big["bbox_max_mm"] == pytest.approx([4.0, 4.0, 6.0])
     assert next(r for r in rows if r["voxels"] == 6)["max_probability"] == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("name", ["infer-segmentation", "infer-classification"])
+def test_torchscript_and_onnx_exports_match_pytorch(trained, name):
+    from models.export import export_model
+    from voxelflow import registry
+
+    folder = registry.version_dir(trained, name, registry.current(trained, name)["version"])
+    results = export_model(folder)
+    assert set(results) == {"torchscript", "onnx"}
+    for r in results.values():
+        assert r["max_abs_diff"] <= 1e-4 and __import__("os").path.exists(r["path"])
+
+
+def test_export_without_parity_is_refused(trained, monkeypatch):
+    from models import export
+    from voxelflow import registry
+
+    folder = registry.version_dir(trained, "infer-segmentation", registry.current(trained, "infer-segmentation")["version"])
+    real = export._check
+    monkeypatch.setattr(export, "_check", lambda path, got, want, atol: real(path, got + 1.0, want, atol))
+    with pytest.raises(export.ParityError, match=r"model\..*differs from the PyTorch model by 1"):
+        export.export_model(folder, formats=("onnx",))
+    assert not (folder / "model.onnx").exists()

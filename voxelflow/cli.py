@@ -183,6 +183,20 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_model(args: argparse.Namespace) -> int:
+    from models.export import export_model
+    from voxelflow import registry
+
+    version = args.model or (registry.current(args.store, args.name) or {}).get("version")
+    if not version:
+        raise StoreError(f"no model {args.name!r} registered in {args.store}")
+    results = export_model(registry.version_dir(args.store, args.name, version),
+                           formats=tuple(args.format or ("torchscript", "onnx")))
+    for fmt, r in results.items():
+        print(f"{fmt}: {r['path']} (max |difference| to PyTorch {r['max_abs_diff']:.2e})")
+    return 0
+
+
 def cmd_synth(args: argparse.Namespace) -> int:
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
@@ -314,6 +328,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", default=None, help="run on Dask workers with resource GPU")
     add_dask(p)
     p.set_defaults(func=cmd_infer)
+
+    p = sub.add_parser("export-model", help="TorchScript / ONNX export of a registered model, parity-checked")
+    p.add_argument("store")
+    p.add_argument("--name", default="segmentation")
+    p.add_argument("--model", help="version (default: current)")
+    p.add_argument("--format", action="append", choices=["torchscript", "onnx"], default=None)
+    p.set_defaults(func=cmd_export_model)
 
     p = sub.add_parser("synth", help="write a deterministic labelled synthetic archive (CT DICOM + MR NIfTI)")
     p.add_argument("outdir")
