@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import dask
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.runner import run_on_dask
+from tasks.artifacts import png_markdown
 from tasks.infer import infer_volumes
 from voxelflow import infer
 
@@ -35,6 +37,12 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
                                       "probabilities": [round(p, 4) for p in r["probabilities"]]} for r in rows],
                               description=f"{config.name}/{info['version']}: {len(rows)} volumes, "
                                           f"{len(lesions)} lesions")
+    qc = [r for r in rows if r["qc_image"]]
+    if qc:
+        create_markdown_artifact(key=f"explain-{config.name}".lower().replace("_", "-"),
+                                 markdown="\n\n".join(png_markdown(Path(r["qc_image"]),
+                                                                      f"Grad-CAM {r['volume_id']}: {r['prediction']}")
+                                                        for r in qc[:6]))
     return {"model": config.name, "version": info["version"], "predicted": len(rows), "skipped": len(done),
             "lesions": len(lesions)}
 

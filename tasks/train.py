@@ -3,7 +3,6 @@ progress and the metrics table, curve and sample images as Prefect artifacts."""
 
 from __future__ import annotations
 
-import base64
 from pathlib import Path
 
 from prefect import get_run_logger, task
@@ -16,12 +15,8 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from models.run import TrainRun, train_model
+from tasks.artifacts import png_markdown
 from tasks.retry import RETRY
-
-
-def _png_markdown(path: Path, title: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{path}`"
 
 
 @task(name="train-model", cache_policy=NO_CACHE, **RETRY)
@@ -46,7 +41,7 @@ def train(run: TrainRun) -> dict:
                           description=f"{summary['name']} {summary['version']}: test split "
                                       f"(promoted: {summary['promoted']})")
     folder = Path(summary["folder"])
-    create_markdown_artifact(key=f"{key}-curve", markdown=_png_markdown(folder / "curve.png", "Training curve"))
+    create_markdown_artifact(key=f"{key}-curve", markdown=png_markdown(folder / "curve.png", "Training curve"))
     if (folder / "samples.png").exists():
-        create_markdown_artifact(key=f"{key}-samples", markdown=_png_markdown(folder / "samples.png", "Samples"))
+        create_markdown_artifact(key=f"{key}-samples", markdown=png_markdown(folder / "samples.png", "Samples"))
     return summary

@@ -98,3 +98,39 @@ def test_export_without_parity_is_refused(trained, monkeypatch):
     with pytest.raises(export.ParityError, match=r"model\..*differs from the PyTorch model by 1"):
         export.export_model(folder, formats=("onnx",))
     assert not (folder / "model.onnx").exists()
+
+
+def test_classifier_saliency_is_stored_with_a_qc_image(trained):
+    from pathlib import Path
+
+    rows = [r for r in catalog.read_table(trained, "predictions").to_pylist() if r["model"] == "infer-classification"]
+    if not rows:
+        run_local(InferConfig(store=trained, name="infer-classification"))
+        rows = [r for r in catalog.read_table(trained, "predictions").to_pylist() if r["model"] == "infer-classification"]
+    png = Path(rows[0]["qc_image"])
+    assert png.suffix == ".png" and png.exists()
+    saliency_store = png.parent
+    sal = st.open_volume(saliency_store, rows[0]["volume_id"])
+    pre = st.open_volume(saliency_store.parents[1], rows[0]["volume_id"])
+    assert sal.array.shape == pre.array.shape
+    np.testing.assert_allclose(sal.affine, pre.affine)
+    values = sal.array[...]
+    assert values.min() >= 0 and values.max() == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_infer_flow_on_dask_with_qc_artifact(trained, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.infer import run_infer
+
+    summary = run_infer(InferConfig(store=trained, name="infer-classification", split="validation"), n_workers=1)
+    assert summary["predicted"] + summary["skipped"] >= 1
+    if summary["predicted"]:
+        with get_client(sync_client=True) as client:
+            arts = client.read_artifacts(artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["explain-infer-classification", "infer-infer-classification"])))
+        assert {"explain-infer-classification", "infer-infer-classification"} <= {a.key for a in arts}
+        explain = next(a for a in arts if a.key == "explain-infer-classification")
+        assert "data:image/png;base64," in explain.data

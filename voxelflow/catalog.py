@@ -71,7 +71,7 @@ LOCATION_SCHEMA = pa.schema([  # preprocessed/<version>/catalog/locations/<volum
 PREDICTION_SCHEMA = pa.schema([
     ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("task", pa.string()),
     ("label_name", pa.string()), ("classes", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())),
-    ("prediction", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
+    ("prediction", pa.string()), ("qc_image", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
 ])
 LESION_SCHEMA = pa.schema([
     ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("label", pa.int64()),

@@ -39,6 +39,7 @@ class InferConfig(BaseModel):
     overlap: float = 0.25
     sw_batch_size: int = 2
     min_voxels: int = 10  # smaller connected components are not reported as lesions
+    explain: bool = True  # Grad-CAM maps (and QC images) for classifiers
 
 
 def model_info(config: InferConfig) -> dict[str, Any]:
@@ -95,7 +96,8 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
     image = torch.from_numpy(np.ascontiguousarray(pre.array[...], dtype=np.float32))[None, None].to(device)
     now = datetime.now(timezone.utc).replace(microsecond=0)
     row = {"volume_id": volume_id, "model": config.name, "version": info["version"], "task": train.task,
-           "label_name": None, "classes": [], "probabilities": [], "prediction": None, "created_at": now}
+           "label_name": None, "classes": [], "probabilities": [], "prediction": None, "qc_image": None,
+           "created_at": now}
     lesions: list[dict] = []
     if train.task == "segmentation":
         with autocast(device, True):
@@ -132,6 +134,12 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
             vol = p.mean(0)
         row |= {"classes": classes[: len(vol)], "probabilities": [float(v) for v in vol],
                 "prediction": classes[int(vol.argmax())] if classes else str(int(vol.argmax()))}
+        if config.explain:
+            from voxelflow.explain import explain_stored
+
+            _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",
+                                    model, train.patch_size, volume_id, int(vol.argmax()), device)
+            row["qc_image"] = str(png)
     else:
         raise ValueError(f"inference is defined for segmentation and classification models, not {train.task}")
     return row, lesions
