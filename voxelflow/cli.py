@@ -180,6 +180,21 @@ def cmd_infer(args: argparse.Namespace) -> int:
         for r in rows:
             export_label(args.store, r["volume_id"], r["label_name"], Path(args.export) / f"{r['volume_id']}_pred.nii.gz")
         print(f"exported {len(rows)} predictions to {args.export}")
+    if args.dicom_seg:
+        from voxelflow import catalog
+        from voxelflow.export import export_dicom_seg
+
+        rows = [r for r in catalog.read_table(args.store, "predictions").to_pylist()
+                if r["model"] == summary["model"] and r["version"] == summary["version"] and r["label_name"]]
+        written = 0
+        for r in rows:
+            try:
+                export_dicom_seg(args.store, r["volume_id"], r["label_name"],
+                                 Path(args.dicom_seg) / f"{r['volume_id']}_seg.dcm")
+                written += 1
+            except (FileNotFoundError, ValueError) as exc:
+                print(f"  no DICOM-SEG for {r['volume_id']}: {exc}")
+        print(f"wrote {written} DICOM-SEG files to {args.dicom_seg}")
     return 0
 
 
@@ -325,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", help="only volumes of this split")
     p.add_argument("--volume", action="append", help="only this volume (repeatable)")
     p.add_argument("--export", help="also write segmentation predictions as NIfTI into this folder")
+    p.add_argument("--dicom-seg", help="also write DICOM-SEG (DICOM-sourced volumes whose files are still there)")
     p.add_argument("--gpu", action="store_true", default=None, help="run on Dask workers with resource GPU")
     add_dask(p)
     p.set_defaults(func=cmd_infer)

@@ -54,3 +54,64 @@ def export_label(store: str | os.PathLike, volume_id: str, name: str, out_path: 
     out.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, out)
     return out
+
+
+def source_dicom_paths(store: str | os.PathLike, volume_id: str) -> list[Path]:
+    """The DICOM files a volume was built from, in slice order, where they still are.
+
+    Raises:
+        FileNotFoundError: the volume is not from DICOM, or its files are not at their
+            source any more (archives are not kept: extract the archive and re-ingest).
+    """
+    vol = next((v for v in catalog.read_table(store, "volumes").to_pylist() if v["volume_id"] == volume_id), None)
+    if vol is None or vol["kind"] != "dicom":
+        raise FileNotFoundError(f"volume {volume_id} is not a DICOM-sourced volume of {store}")
+    sources = {r["path"]: r["source"] for r in catalog.read_table(store, "files").to_pylist()
+               if r["volume_id"] == volume_id}
+    paths = []
+    for rel in vol["source_files"]:  # stored in slice order
+        source = Path(sources[rel])
+        path = source / rel if source.is_dir() else source
+        if not path.is_file():
+            raise FileNotFoundError(f"source file {rel} of volume {volume_id} is not at {path} "
+                                    "(archive sources are not kept; extract and re-ingest)")
+        paths.append(path)
+    return paths
+
+
+def export_dicom_seg(store: str | os.PathLike, volume_id: str, name: str, out_path: str | os.PathLike,
+                     properties: dict[int, str] | None = None) -> Path:
+    """Write a stored label map of a DICOM-sourced volume as DICOM-SEG (highdicom) referencing
+    its source images. The SEG carries the source study's identifiers, as DICOM requires: it is
+    for the archive the images came from, not for the de-identified store."""
+    import highdicom as hd
+    import pydicom
+    from pydicom.sr.codedict import codes
+
+    from voxelflow.store import open_label
+
+    sources = [pydicom.dcmread(p) for p in source_dicom_paths(store, volume_id)]
+    labels = open_label(store, volume_id, name)[...]
+    values = [int(v) for v in np.unique(labels) if v]
+    if not values:
+        raise ValueError(f"label {name} of volume {volume_id} is empty: nothing to export")
+    names = properties or {}
+    segments = [hd.seg.SegmentDescription(
+        segment_number=i + 1, segment_label=names.get(v, f"class {v}"),
+        segmented_property_category=codes.SCT.Tissue, segmented_property_type=codes.SCT.Tissue,
+        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+        algorithm_identification=hd.AlgorithmIdentificationSequence(
+            name="voxelflow", version="1", family=codes.DCM.ArtificialIntelligence)) for i, v in enumerate(values)]
+    # segment numbers are 1..n: map label values onto them
+    remap = np.zeros(int(labels.max()) + 1, np.uint8)
+    for i, v in enumerate(values):
+        remap[v] = i + 1
+    seg = hd.seg.Segmentation(
+        source_images=sources, pixel_array=remap[labels], segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
+        segment_descriptions=segments, series_instance_uid=hd.UID(), series_number=900, sop_instance_uid=hd.UID(),
+        instance_number=1, manufacturer="voxelflow", manufacturer_model_name="voxelflow", software_versions="1",
+        device_serial_number="0", omit_empty_frames=False)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    seg.save_as(out)
+    return out
