@@ -70,8 +70,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The whole learn-ready path on sample data: real files PyPI packages ship plus a
-    synthetic labelled archive -> ingest -> labels -> preprocess -> augment -> NIfTI export."""
+    """The whole path on sample data: real files PyPI packages ship plus a synthetic labelled
+    archive -> ingest -> labels -> preprocess -> augment -> train -> infer -> NIfTI export."""
     from voxelflow.demo import build_demo_archive
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
@@ -94,6 +94,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     version = _preprocess(argparse.Namespace(store=store, spacing=None, interpolation="linear", no_crop=False,
                                              volume=None, labelled_only=True, **common))
     cmd_augment(argparse.Namespace(store=store, version=version, copies=2, seed=0, split="train", **common))
+    if args.train_epochs:
+        for task in ("segmentation", "classification"):
+            cmd_train(argparse.Namespace(
+                store=store, version=version, task=task, config=None, name=None, no_augment=False, gpu=None,
+                set=[f"epochs={args.train_epochs}", "steps_per_epoch=20", "val_steps=6", "patch_size=[32,64,64]"],
+                **common))
+            cmd_infer(argparse.Namespace(store=store, name=task, model=None, split=None, volume=None, gpu=None,
+                                         export=str(work / "predictions") if task == "segmentation" else None,
+                                         dicom_seg=None, **common))
     cmd_export(argparse.Namespace(store=store, outdir=str(work / "nifti"), volume=None))
     return 0
 
@@ -296,9 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--volume", action="append", help="export only this volume (repeatable)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="sample archives -> ingest -> labels -> preprocess -> augment -> NIfTI")
+    p = sub.add_parser("demo", help="sample archives -> ingest -> labels -> preprocess -> augment -> train -> infer")
     p.add_argument("--workdir", default="demo-output")
     p.add_argument("--patients", type=int, default=12, help="synthetic CT patients")
+    p.add_argument("--train-epochs", type=int, default=12,
+                   help="epochs for the demo's segmentation and classification models (0: skip training)")
     add_dask(p)
     p.set_defaults(func=cmd_demo)
 

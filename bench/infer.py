@@ -1,0 +1,108 @@
+"""Bulk-inference benchmark, in one run on the same volumes and model:
+
+* voxelflow's bulk inference (``voxelflow.infer.run_local``: read the preprocessed volume from
+  Zarr, sliding window, map the prediction back to the original grid, write it into the store,
+  lesion table);
+* the model's pure forward time (the same sliding windows over tensors already in memory);
+* a plain MONAI loop (LoadImage from NIfTI, sliding_window_inference, SaveImage to NIfTI).
+
+    .venv/bin/python bench/infer.py     # uses (or builds) bench-output/train's store
+
+Reports volumes/s and the share of voxelflow's time that is not model compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from models.run import TrainRun, train_model  # noqa: E402
+from models.train import TrainConfig  # noqa: E402
+from voxelflow import catalog  # noqa: E402
+from voxelflow.export import export_volume  # noqa: E402
+from voxelflow.infer import InferConfig, run_local  # noqa: E402
+from voxelflow.store import open_volume  # noqa: E402
+
+
+def main():
+    sys.path.insert(0, str(ROOT / "bench"))
+    from train import prepare  # the same synthetic store as bench/train.py
+
+    work = ROOT / "bench-output" / "train"
+    store, version = prepare(work, 8)
+    patch = (32, 64, 64)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    summary = train_model(TrainRun(store=store, version=version, name="bench-seg", augment=False,
+                                   train=TrainConfig(task="segmentation", patch_size=patch, epochs=1,
+                                                     steps_per_epoch=2, val_steps=1)), device=device)
+    root = Path(store) / "preprocessed" / version
+    vids = [r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist() if r["status"] == "done"]
+    # 1. voxelflow bulk inference (fresh: drop earlier predictions of this model)
+    preds = catalog.read_table(store, "predictions")
+    if preds.num_rows:
+        keep = [r for r in preds.to_pylist() if r["model"] != "bench-seg"]
+        import pyarrow as pa
+
+        catalog.write_table(store, "predictions", pa.Table.from_pylist(keep, schema=catalog.PREDICTION_SCHEMA))
+    t0 = time.perf_counter()
+    out = run_local(InferConfig(store=store, name="bench-seg", version=summary["version"]))
+    t_vf = time.perf_counter() - t0
+    assert out["predicted"] == len(vids)
+    # 2. pure forward: the same windows over tensors in memory
+    from monai.inferers import sliding_window_inference
+
+    from models.networks import build
+
+    weights = torch.load(Path(summary["folder"]) / "weights.pt", map_location=device, weights_only=True)["model"]
+    model = build("segmentation", out_channels=3).to(device).eval()
+    model.load_state_dict(weights)
+    tensors = [torch.from_numpy(np.ascontiguousarray(open_volume(root, v).array[...], dtype=np.float32))[None, None]
+               .to(device) for v in vids]
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for x in tensors:
+            sliding_window_inference(x, roi_size=patch, sw_batch_size=2, predictor=model, overlap=0.25, mode="gaussian")
+        t_fwd = time.perf_counter() - t0
+    # 3. a plain MONAI loop over NIfTI files
+    from monai.transforms import EnsureChannelFirst, LoadImage, SaveImage
+
+    nifti = work / "infer-nifti"
+    shutil.rmtree(nifti, ignore_errors=True)
+    paths = [export_volume(root, v, nifti / f"{v}.nii.gz") for v in vids]
+    load, chan = LoadImage(image_only=True), EnsureChannelFirst()
+    save = SaveImage(output_dir=str(nifti / "out"), output_postfix="seg", separate_folder=False, print_log=False)
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        for p in paths:
+            x = chan(load(str(p)))[None].to(device)
+            y = sliding_window_inference(x, roi_size=patch[::-1], sw_batch_size=2, predictor=model, overlap=0.25,
+                                         mode="gaussian")
+            save(y[0].argmax(0, keepdim=True).cpu())
+        t_monai = time.perf_counter() - t0
+    n = len(vids)
+    rows = [("voxelflow bulk inference (store in, store out)", t_vf), ("model forward only (tensors in memory)", t_fwd),
+            ("plain MONAI loop (NIfTI in, NIfTI out)", t_monai)]
+    (work / "infer-results.json").write_text(json.dumps({"volumes": n, "device": str(device),
+                                                         "seconds": {k: v for k, v in rows}}, indent=2))
+    print(f"\n{n} preprocessed CT volumes, U-Net, 32x64x64 windows (overlap 0.25), device {device}, "
+          f"{os.cpu_count()} CPUs\n")
+    print("| pipeline | seconds | volumes/s |")
+    print("|---|---:|---:|")
+    for k, v in rows:
+        print(f"| {k} | {v:.2f} | {n / v:.2f} |")
+    print(f"\nvoxelflow time outside model compute: {100 * (1 - t_fwd / t_vf):.0f} %; "
+          f"speed vs the plain MONAI loop: {t_monai / t_vf:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
