@@ -46,7 +46,7 @@ def prepare(work: Path, patients: int) -> tuple[str, str]:
     archive = build_synthetic_archive(work / "archive", SynthConfig(patients=patients, mr_patients=0))
     run_local(IngestConfig(sources=[str(archive / "images")], store=str(store)))
     import_segmentations(store, archive / "labels" / "segmentations.csv", store_key(str(store)))
-    make_split(store, seed=0, fractions=(1.0, 0.0, 0.0))
+    make_split(store, seed=0, fractions=(0.75, 0.125, 0.125))
     config = resolve(PreprocessConfig(store=str(store), labelled_only=True))
     preprocess(config)
     (work / "ready.json").write_text(json.dumps({"store": str(store), "version": config.version()}))

@@ -115,8 +115,7 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
         row |= {"label_name": name, "prediction": name,
                 "classes": [str(k) for k in range(num_classes)],
                 "probabilities": [float((pred == k).mean()) for k in range(num_classes)]}
-        lesions = [r for r in _components(pred, probs, pre.affine, volume_id, config.name, info["version"])
-                   if r["voxels"] >= config.min_voxels]
+        lesions = _components(pred, probs, pre.affine, volume_id, config.name, info["version"], config.min_voxels)
     elif train.task == "classification":
         from monai.inferers import SlidingWindowSplitter
 
@@ -146,9 +145,9 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
 
 
 def _components(pred: np.ndarray, probs: np.ndarray, affine: np.ndarray, vid: str, model: str,
-                version: str) -> list[dict]:
-    """Connected components of each foreground class, measured in one pass per class
-    (scipy.ndimage), never one full-volume scan per component."""
+                version: str, min_voxels: int = 1) -> list[dict]:
+    """Connected components of each foreground class with at least ``min_voxels`` voxels,
+    measured in one pass per class (scipy.ndimage), never one volume scan per component."""
     from scipy import ndimage
 
     voxel_ml = float(np.prod(voxel_sizes(affine))) / 1000.0
@@ -157,19 +156,25 @@ def _components(pred: np.ndarray, probs: np.ndarray, affine: np.ndarray, vid: st
         comps, n = ndimage.label(pred == label)
         if n == 0:
             continue
-        ids = np.arange(1, n + 1)
-        counts = np.bincount(comps.ravel(), minlength=n + 1)[1:]
-        centres = np.array(ndimage.center_of_mass(np.ones_like(comps), comps, ids))  # (z, y, x)
-        peaks = ndimage.maximum(probs[label], comps, ids)
-        for k, box in enumerate(ndimage.find_objects(comps)):
+        counts = np.bincount(comps.ravel())
+        big = counts >= min_voxels
+        big[0] = False
+        if not big.any():
+            continue
+        if not big[1:].all():  # drop specks first: a noisy map can hold 10^5 of them
+            comps, n = ndimage.label(big[comps])
+        for cid, box in enumerate(ndimage.find_objects(comps), start=1):
+            mask = comps[box] == cid
+            idx = np.argwhere(mask) + [s.start for s in box]  # (z, y, x)
             corners = np.array([[s.start if c else s.stop - 1 for s, c in zip(box, bits)]
                                 for bits in np.ndindex(2, 2, 2)], dtype=np.float64)[:, ::-1]  # (x, y, z)
             world = (affine[:3, :3] @ corners.T + affine[:3, 3:4]).T
-            centre = affine[:3, :3] @ centres[k][::-1] + affine[:3, 3]
-            rows.append({"volume_id": vid, "model": model, "version": version, "label": label, "component": k + 1,
-                         "voxels": int(counts[k]), "volume_ml": float(counts[k]) * voxel_ml,
+            centre = affine[:3, :3] @ idx.mean(0)[::-1] + affine[:3, 3]
+            rows.append({"volume_id": vid, "model": model, "version": version, "label": label, "component": cid,
+                         "voxels": int(len(idx)), "volume_ml": float(len(idx)) * voxel_ml,
                          "centroid_mm": centre.tolist(), "bbox_min_mm": world.min(0).tolist(),
-                         "bbox_max_mm": world.max(0).tolist(), "max_probability": float(peaks[k])})
+                         "bbox_max_mm": world.max(0).tolist(),
+                         "max_probability": float(probs[label][box][mask].max())})
     return rows
 
 
