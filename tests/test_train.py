@@ -111,3 +111,15 @@ def test_train_flow_registers_and_reports(data, prefect_server):
     # the same run again resumes from its finished checkpoint: no more epochs, same version
     again = run_train(run, n_workers=1)
     assert again["version"] == summary["version"] and again["epochs"] == 2
+
+
+def test_class_weights():
+    from models.train import _class_weights, weighting
+
+    inv = _class_weights({0: 90, 1: 9, 2: 1}, 3, "inverse")
+    sq = _class_weights({0: 90, 1: 9, 2: 1}, 3, "sqrt")
+    assert inv.mean().item() == pytest.approx(1.0) and inv[2] / inv[0] == pytest.approx(90.0)
+    assert sq[2] / sq[0] == pytest.approx(90 ** 0.5, rel=1e-5)
+    assert weighting(TrainConfig(task="segmentation")) == "none"
+    assert weighting(TrainConfig(task="classification")) == "inverse"
+    assert weighting(TrainConfig(task="segmentation", class_weighting="sqrt")) == "sqrt"
