@@ -18,9 +18,27 @@ import torch
 from models.networks import autocast
 
 
+def keep_largest(pred: np.ndarray | torch.Tensor, classes) -> np.ndarray | torch.Tensor:
+    """Keep only the largest connected component of each class in ``classes`` (organs that
+    come in one piece); other voxels of those classes become background."""
+    from scipy import ndimage
+
+    if not classes:
+        return pred
+    is_tensor = isinstance(pred, torch.Tensor)
+    arr = pred.numpy().copy() if is_tensor else pred.copy()
+    for c in classes:
+        comps, n = ndimage.label(arr == c)
+        if n > 1:
+            sizes = np.bincount(comps.ravel())
+            sizes[0] = 0
+            arr[(comps != int(sizes.argmax())) & (comps > 0)] = 0
+    return torch.from_numpy(arr) if is_tensor else arr
+
+
 @torch.no_grad()
 def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_classes: int,
-                 device: torch.device, label_name: str = "segmentation") -> dict[str, Any]:
+                 device: torch.device, label_name: str = "segmentation", largest: tuple[int, ...] = ()) -> dict[str, Any]:
     from monai.inferers import sliding_window_inference
     from monai.metrics import compute_hausdorff_distance
 
@@ -35,7 +53,7 @@ def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_
         with autocast(device, True):
             logits = sliding_window_inference(image, roi_size=tuple(patch_size), sw_batch_size=2,
                                               predictor=model, overlap=0.25, mode="gaussian")
-        pred = logits.float().argmax(1)[0].cpu()
+        pred = keep_largest(logits.float().argmax(1)[0].cpu(), largest)
         spacing = [float(s) for s in np.sqrt((vol.affine[:3, :3] ** 2).sum(0))[::-1]]  # (z, y, x)
         for k in per_class:
             p, t = pred == k, truth == k

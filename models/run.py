@@ -108,7 +108,7 @@ def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.devi
     if c.task == "segmentation":
         labelled = {r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist() if r["classes"]}
         return evaluate.segmentation(model, root, [v for v in test_ids if v in labelled], c.patch_size, num_classes,
-                                     device, run.label_name)
+                                     device, run.label_name, largest=c.keep_largest)
     kw = dict(class_balanced=True, foreground_oversample=1.0) if c.task == "classification" else {}
     test = patch_dataset(run.store, c.patch_size, version=run.version, split="test",
                          samples_per_epoch=max(8, c.val_steps * c.batch_size), seed=c.seed + 2,

@@ -55,6 +55,7 @@ class TrainConfig(BaseModel):
     seed: int = 0
     num_workers: int = 0
     latent_size: int = 64
+    keep_largest: tuple[int, ...] = ()  # segmentation post-processing: classes kept as one component
     denoise_std: float = 0.1  # autoencoder input noise, in units of the image's std
 
 

@@ -134,3 +134,16 @@ def test_infer_flow_on_dask_with_qc_artifact(trained, prefect_server):
         assert {"explain-infer-classification", "infer-infer-classification"} <= {a.key for a in arts}
         explain = next(a for a in arts if a.key == "explain-infer-classification")
         assert "data:image/png;base64," in explain.data
+
+
+def test_keep_largest_component():
+    from models.evaluate import keep_largest
+
+    pred = np.zeros((6, 6, 6), np.uint8)
+    pred[0:3, 0:3, 0:3] = 1  # the organ
+    pred[5, 5, 5] = 1  # a stray voxel
+    pred[1, 1, 1] = 2  # a lesion inside stays
+    pred[5, 0, 0] = 2  # lesions are not post-processed
+    out = keep_largest(pred, (1,))
+    assert out[5, 5, 5] == 0 and (out == 1).sum() == 26 and out[1, 1, 1] == 2 and out[5, 0, 0] == 2
+    assert keep_largest(pred, ()) is pred

@@ -98,7 +98,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for task in ("segmentation", "classification"):
             cmd_train(argparse.Namespace(
                 store=store, version=version, task=task, config=None, name=None, no_augment=False, gpu=None,
-                set=[f"epochs={args.train_epochs}", "steps_per_epoch=20", "val_steps=6", "patch_size=[32,64,64]"],
+                set=[f"epochs={args.train_epochs}", "steps_per_epoch=20", "val_steps=6", "patch_size=[32,64,64]"]
+                + (["keep_largest=[1]"] if task == "segmentation" else []),  # the liver is one piece
                 **common))
             cmd_infer(argparse.Namespace(store=store, name=task, model=None, split=None, volume=None, gpu=None,
                                          export=str(work / "predictions") if task == "segmentation" else None,
@@ -308,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="sample archives -> ingest -> labels -> preprocess -> augment -> train -> infer")
     p.add_argument("--workdir", default="demo-output")
     p.add_argument("--patients", type=int, default=12, help="synthetic CT patients")
-    p.add_argument("--train-epochs", type=int, default=12,
+    p.add_argument("--train-epochs", type=int, default=15,
                    help="epochs for the demo's segmentation and classification models (0: skip training)")
     add_dask(p)
     p.set_defaults(func=cmd_demo)

@@ -104,7 +104,9 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
             logits = sliding_window_inference(image, roi_size=tuple(train.patch_size), sw_batch_size=config.sw_batch_size,
                                               predictor=model, overlap=config.overlap, mode="gaussian")
         probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
-        pred = probs.argmax(0).astype(np.uint8)
+        from models.evaluate import keep_largest
+
+        pred = keep_largest(probs.argmax(0).astype(np.uint8), train.keep_largest)
         original = open_volume(config.store, volume_id)
         mapped, mapping, warnings = map_to_grid(pred, pre.affine, tuple(original.array.shape[-3:]), original.affine,
                                                 where=volume_id, min_coverage=0.0)
