@@ -90,8 +90,6 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
 
 
 def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.device, folder) -> dict[str, Any]:
-    from voxelflow.store import write_volume  # noqa: F401 - keeps the import graph explicit
-
     c = run.train
     splits = {r["volume_id"]: r["split"] for r in catalog.read_table(run.store, "splits").to_pylist()}
     root = f"{run.store}/preprocessed/{run.version}"

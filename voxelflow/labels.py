@@ -130,7 +130,8 @@ def map_to_grid(labels: np.ndarray, label_affine: np.ndarray, shape: tuple[int, 
 # ----------------------------------------------------------------------------- resolving
 
 
-def _volume_index(store: str | os.PathLike) -> tuple[dict[str, list[dict]], dict[str, str]]:
+def _volume_index(store: str | os.PathLike) -> tuple[dict[str, list[dict]], dict[str, str], dict[str, dict]]:
+    """Volumes by series pseudonym, volume ids by source path, volumes by id (one catalog read)."""
     volumes = catalog.read_table(store, "volumes").to_pylist()
     by_series: dict[str, list[dict]] = defaultdict(list)
     for v in volumes:
@@ -138,7 +139,7 @@ def _volume_index(store: str | os.PathLike) -> tuple[dict[str, list[dict]], dict
             by_series[v["series_id"]].append(v)
     files = catalog.read_table(store, "files").to_pylist()
     by_path = {r["path"]: r["volume_id"] for r in files if r["status"] == "converted"}
-    return by_series, by_path
+    return by_series, by_path, {v["volume_id"]: v for v in volumes}
 
 
 def _candidates(image: str, key: bytes, by_series, by_path, volumes_by_id) -> list[dict]:
@@ -157,9 +158,7 @@ def import_segmentations(store: str | os.PathLike, manifest: str | os.PathLike, 
     segmentations never stop the import.
     """
     manifest = Path(manifest)
-    by_series, by_path = _volume_index(store)
-    volumes_by_id = {v["volume_id"]: v for vs in by_series.values() for v in vs}
-    volumes_by_id |= {v["volume_id"]: v for v in catalog.read_table(store, "volumes").to_pylist()}
+    by_series, by_path, volumes_by_id = _volume_index(store)
     rows, errors = [], []
     sources = {(r["volume_id"], r["name"]): r["source"] for r in catalog.read_table(store, "labels").to_pylist()}
     with open(manifest, newline="") as fh:
@@ -213,8 +212,7 @@ def import_classes(store: str | os.PathLike, classes_csv: str | os.PathLike, key
     """Join per-series classes (``series_instance_uid`` or ``image``, and ``label``) into
     ``catalog/classes.parquet``; every stack of a series gets its class. Returns
     ``(rows, errors)``."""
-    by_series, by_path = _volume_index(store)
-    volumes_by_id = {v["volume_id"]: v for v in catalog.read_table(store, "volumes").to_pylist()}
+    by_series, by_path, volumes_by_id = _volume_index(store)
     rows, errors = [], []
     with open(classes_csv, newline="") as fh:
         for entry in csv.DictReader(fh):
