@@ -38,7 +38,8 @@ def keep_largest(pred: np.ndarray | torch.Tensor, classes) -> np.ndarray | torch
 
 @torch.no_grad()
 def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_classes: int,
-                 device: torch.device, label_name: str = "segmentation", largest: tuple[int, ...] = ()) -> dict[str, Any]:
+                 device: torch.device, label_name: str = "segmentation", largest: tuple[int, ...] = (),
+                 hausdorff: bool = True) -> dict[str, Any]:
     from monai.inferers import sliding_window_inference
     from monai.metrics import compute_hausdorff_distance
 
@@ -61,7 +62,7 @@ def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_
                 continue
             inter = float((p & t).sum())
             per_class[k]["dice"].append(2 * inter / float(p.sum() + t.sum()))
-            if p.any():
+            if hausdorff and p.any():
                 hd = compute_hausdorff_distance(p[None, None].float(), t[None, None].float(), percentile=95,
                                                 spacing=spacing)
                 per_class[k]["hd95"].append(float(hd))

@@ -158,6 +158,16 @@ class _Task:
         return float(loss.detach())
 
     @torch.no_grad()
+    def validate_with(self, validator) -> dict[str, float]:
+        for m in self.models.values():
+            m.eval()
+        try:
+            return validator(self.models)
+        finally:
+            for m in self.models.values():
+                m.train()
+
+    @torch.no_grad()
     def validate(self, batches: list[dict]) -> dict[str, float]:
         from monai.metrics import DiceMetric
 
@@ -237,7 +247,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
 
 def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *, num_classes: int = 2,
         class_counts: dict[int, int] | None = None, device: torch.device | None = None,
-        stop_after: int | None = None, on_epoch=None) -> dict[str, Any]:
+        stop_after: int | None = None, on_epoch=None, validator=None) -> dict[str, Any]:
     """Train (or resume training) and return ``{"history", "best_epoch", "best", "stopped"}``.
 
     Args:
@@ -246,6 +256,8 @@ def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *
         class_counts: label value -> count, for class-imbalance weights.
         stop_after: end after this epoch as if killed (for tests of resumption).
         on_epoch: called with each epoch's history row (metrics artifacts, progress).
+        validator: ``validator(models) -> metrics`` (with a ``"monitor"`` key) replaces the
+            validation on ``val_data`` patches, e.g. whole-volume sliding-window Dice.
     """
     from voxelflow.data import make_loader
 
@@ -290,10 +302,13 @@ def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *
         for s in task.schedulers.values():
             s.step()
         train_s = time.perf_counter() - t0
-        if val_batches is None or hasattr(val_data, "set_epoch"):
-            vloader = make_loader(val_data, batch_size=config.batch_size, num_workers=0)
-            val_batches = [b for b, _ in zip(vloader, range(config.val_steps))]
-        metrics = task.validate(val_batches)
+        if validator is not None:
+            metrics = task.validate_with(validator)
+        else:
+            if val_batches is None or hasattr(val_data, "set_epoch"):
+                vloader = make_loader(val_data, batch_size=config.batch_size, num_workers=0)
+                val_batches = [b for b, _ in zip(vloader, range(config.val_steps))]
+            metrics = task.validate(val_batches)
         row = {"epoch": epoch, "train_loss": float(np.nanmean(losses)), **metrics,
                "lr": float(next(iter(task.optimizers.values())).param_groups[0]["lr"]),
                "seconds": round(train_s, 3), "samples_per_s": round(config.steps_per_epoch * config.batch_size / train_s, 2),

@@ -9,7 +9,9 @@
     OUTDIR/labels/ct/<patient>_seg.nii.gz         label maps on the image grid: 1 liver, 2 lesion
     OUTDIR/labels/ct/<patient>_seg.dcm            the same as DICOM-SEG (highdicom), some patients
     OUTDIR/labels/mr/<patient>_seg.nii.gz         1 grey matter, 2 white matter
-    OUTDIR/labels/segmentations.csv               image -> segmentation file
+    OUTDIR/labels/segmentations.csv               image -> segmentation file, under the label
+                                                  name ``segmentation`` (CT: liver, lesion) or
+                                                  ``brain`` (MR: tissues), never mixed
     OUTDIR/labels/labels.csv                      per-series class: lesion / no_lesion (about 1:4)
 
 Everything derives from the seed: the same seed gives the same pixel data, UIDs and labels.
@@ -219,11 +221,13 @@ def build_synthetic_archive(outdir: str | Path, config: SynthConfig = SynthConfi
                               np.asarray(slice_normal(spec.orientation)) * spec.slice_spacing)
         seg_path = out / "labels" / "ct" / f"{pid}_seg.nii.gz"
         nib.save(_label_nifti(labels, affine), seg_path)
-        seg_rows.append({"image": spec.series_uid, "segmentation": f"ct/{pid}_seg.nii.gz"})
+        seg_rows.append({"image": spec.series_uid, "segmentation": f"ct/{pid}_seg.nii.gz",
+                         "name": "segmentation"})
         if i % config.dicom_seg_every == 0:
             dcm_seg = out / "labels" / "ct" / f"{pid}_seg.dcm"
             _dicom_seg(sorted(paths), labels, dcm_seg, seed_text)
-            seg_rows.append({"image": spec.series_uid, "segmentation": f"ct/{pid}_seg.dcm"})
+            seg_rows.append({"image": spec.series_uid, "segmentation": f"ct/{pid}_seg.dcm",
+                             "name": "segmentation"})
         class_rows.append({"series_instance_uid": spec.series_uid, "patient_id": pid,
                            "label": "lesion" if i in positive else "no_lesion"})
     for j in range(config.mr_patients):
@@ -234,13 +238,13 @@ def build_synthetic_archive(outdir: str | Path, config: SynthConfig = SynthConfi
         (out / "images" / "mr").mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(data, affine), out / "images" / img_rel)
         nib.save(_label_nifti(np.transpose(labels, (2, 1, 0)), affine), out / "labels" / "mr" / f"{pid}_seg.nii.gz")
-        seg_rows.append({"image": f"nifti:{img_rel}", "segmentation": f"mr/{pid}_seg.nii.gz"})
+        seg_rows.append({"image": f"nifti:{img_rel}", "segmentation": f"mr/{pid}_seg.nii.gz", "name": "brain"})
     with open(out / "labels" / "labels.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=["series_instance_uid", "patient_id", "label"])
         writer.writeheader()
         writer.writerows(class_rows)
     with open(out / "labels" / "segmentations.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["image", "segmentation"])
+        writer = csv.DictWriter(fh, fieldnames=["image", "segmentation", "name"])
         writer.writeheader()
         writer.writerows(seg_rows)
     return out
