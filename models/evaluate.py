@@ -79,8 +79,7 @@ def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_
 @torch.no_grad()
 def classification(model, batches: list[dict], num_classes: int, device: torch.device,
                    positive: int = 0) -> dict[str, Any]:
-    from monai.metrics import compute_roc_auc
-
+    """Metrics over patches (``batches`` of a patch dataset)."""
     model.eval()
     ys, probs = [], []
     for b in batches:
@@ -89,7 +88,70 @@ def classification(model, batches: list[dict], num_classes: int, device: torch.d
             with autocast(device, True):
                 probs.append(torch.softmax(model(b["image"][keep].to(device)).float(), 1).cpu())
             ys.append(b["class"][keep])
-    y, p = torch.cat(ys), torch.cat(probs)
+    out = classification_metrics(torch.cat(ys), torch.cat(probs), num_classes, positive)
+    out["samples"] = out.pop("n")
+    return out
+
+
+@torch.no_grad()
+def window_probabilities(model, image: torch.Tensor, patch_size, device: torch.device, overlap: float = 0.25,
+                         batch_size: int = 4) -> np.ndarray:
+    """Class probabilities of every sliding window over ``image`` ``(1, 1, z, y, x)``:
+    ``(windows, classes)``. Windows are batched (MONAI's splitter pads the border ones)."""
+    from monai.inferers import SlidingWindowSplitter
+
+    model.eval()
+    splitter = SlidingWindowSplitter(patch_size=tuple(int(p) for p in patch_size), overlap=overlap,
+                                     pad_mode="constant")
+    out, pending = [], []
+
+    def flush():
+        with autocast(device, True):
+            out.append(torch.softmax(model(torch.cat(pending).to(device)).float(), 1).cpu())
+        pending.clear()
+
+    for patch, _ in splitter(image):
+        pending.append(patch)
+        if len(pending) == batch_size:
+            flush()
+    if pending:
+        flush()
+    return torch.cat(out).numpy()
+
+
+def volume_probabilities(windows: np.ndarray, positive: int | None) -> np.ndarray:
+    """A volume's class probabilities from its windows': the largest probability of the
+    ``positive`` class (binary detection: one window showing it is enough), else the mean."""
+    if positive is None:
+        return windows.mean(0)
+    p = float(windows[:, positive].max())
+    out = np.empty(windows.shape[1])
+    out[positive], out[1 - positive] = p, 1.0 - p
+    return out
+
+
+@torch.no_grad()
+def classification_volumes(model, store_root: str, volume_ids: list[str], truths: list[int], num_classes: int,
+                           patch_size, device: torch.device, positive: int | None = None) -> dict[str, Any]:
+    """Metrics over whole volumes: each volume's probabilities from its sliding windows
+    (:func:`volume_probabilities`), as inference computes them."""
+    from voxelflow.store import open_volume
+
+    probs = []
+    for vid in volume_ids:
+        vol = open_volume(store_root, vid)
+        image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None]
+        probs.append(volume_probabilities(window_probabilities(model, image, patch_size, device), positive))
+    out = classification_metrics(torch.tensor(truths), torch.from_numpy(np.stack(probs)).float(), num_classes,
+                                 positive or 0)
+    out["volumes"] = out.pop("n")
+    return out
+
+
+def classification_metrics(y: torch.Tensor, p: torch.Tensor, num_classes: int, positive: int = 0) -> dict[str, Any]:
+    """Accuracy, precision / recall / F1 of class ``positive``, ROC-AUC, confusion matrix."""
+    from monai.metrics import compute_roc_auc
+
     pred = p.argmax(1)
     confusion = [[int(((y == t) & (pred == q)).sum()) for q in range(num_classes)] for t in range(num_classes)]
     tp = confusion[positive][positive]
@@ -102,7 +164,7 @@ def classification(model, batches: list[dict], num_classes: int, device: torch.d
     auc = float(compute_roc_auc(p[:, positive], onehot[:, positive])) if 0 < int(onehot[:, positive].sum()) < len(y) \
         else math.nan
     return {"accuracy": float((pred == y).float().mean()), "precision": precision, "recall": recall, "f1": f1,
-            "roc_auc": auc, "confusion": confusion, "samples": int(len(y))}
+            "roc_auc": auc, "confusion": confusion, "n": int(len(y))}
 
 
 @torch.no_grad()

@@ -46,14 +46,35 @@ def _datasets(run: TrainRun):
     from voxelflow.augment import OnTheFly
 
     c = run.train
-    kw = dict(class_balanced=True, foreground_oversample=1.0) if c.task == "classification" else {}
+    kw = _classification_sampling(c)
     n = c.steps_per_epoch * c.batch_size
     transform = OnTheFly(run.augmentation, seed=c.seed) if run.augment else None
+    label = _label_name(run)
     train = patch_dataset(run.store, c.patch_size, version=run.version, split="train", samples_per_epoch=n,
-                          seed=c.seed, transform=transform, label_name=run.label_name, **kw)
+                          seed=c.seed, transform=transform, label_name=label, **kw)
     val = patch_dataset(run.store, c.patch_size, version=run.version, split="validation",
-                        samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=run.label_name, **kw)
+                        samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=label, **kw)
     return train, val
+
+
+def _label_name(run: TrainRun) -> str | None:
+    """The label patches a task needs: segmentation, classification (foreground sampling, patch
+    targets); autoencoders and GANs learn from images alone, labelled or not."""
+    return run.label_name if run.train.task in ("segmentation", "classification") else None
+
+
+def _classification_sampling(c: TrainConfig) -> dict:
+    """Patch sampling for classifiers: volumes drawn class-balanced; with patch targets from
+    the segmentation, a third of the patches anywhere (inference sees every window, not only
+    those on an organ), else every patch on a labelled voxel."""
+    if c.task != "classification":
+        return {}
+    if c.positive_label is None:
+        return dict(class_balanced=True, foreground_oversample=1.0)
+    if c.positive_class is None:
+        raise ValueError("positive_label needs positive_class (the class a patch holding that label has)")
+    return dict(class_balanced=True, foreground_oversample=2 / 3,
+                class_from_label=(c.positive_label, c.min_positive_voxels, c.positive_class))
 
 
 def _class_counts(run: TrainRun, classes: list[str]) -> tuple[dict[int, int], int]:
@@ -82,16 +103,17 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
     folder = registry.version_dir(run.store, name, version)
     train, val = _datasets(run)
     counts, num_classes = _class_counts(run, train.classes)
-    validator = _volume_validator(run, num_classes, device) if c.task == "segmentation" else None
+    validator = _volume_validator(run, num_classes, device, train.classes)
     result = fit(c, train, val, folder, num_classes=num_classes, class_counts=counts, device=device,
                  on_epoch=on_epoch, validator=validator)
     shutil.copyfile(folder / "best.pt", folder / "weights.pt")
     best = torch.load(folder / "weights.pt", map_location=device, weights_only=True)
-    test_metrics = _evaluate(run, best, num_classes, device, folder)
+    test_metrics = _evaluate(run, best, num_classes, device, folder, train.classes)
     history = result["history"]
     best_row = next(h for h in history if h["epoch"] == result["best_epoch"])
     metrics = {"validation": best_row, "test": test_metrics, "history": history, "stopped": result["stopped"]}
-    registry.register(run.store, name, version, config=run.model_dump(exclude={"store"}), snapshot=snapshot,
+    registry.register(run.store, name, version, config=run.model_dump(exclude={"store"}) | {"classes": train.classes},
+                      snapshot=snapshot,
                       metrics=metrics, monitor=MONITOR[c.task])
     promoted = registry.promote_if_better(run.store, name, version)
     _curve(history, folder / "curve.png", f"validation {MONITOR[c.task] if c.task != 'gan' else '-stat distance'}")
@@ -108,12 +130,41 @@ def _split_volumes(run: TrainRun, split: str, labelled: bool = False) -> list[st
             if r["status"] == "done" and splits.get(r["volume_id"]) == split and (r["classes"] or not labelled)]
 
 
-def _volume_validator(run: TrainRun, num_classes: int, device: torch.device):
+def _volume_classes(run: TrainRun, ids: list[str], classes: list[str]) -> tuple[list[str], list[int]]:
+    by_id = {r["volume_id"]: r["label"] for r in catalog.read_table(run.store, "classes").to_pylist()}
+    kept = [v for v in ids if by_id.get(v) in classes]
+    return kept, [classes.index(by_id[v]) for v in kept]
+
+
+def _positive(c: TrainConfig, classes: list[str]) -> int | None:
+    if c.positive_class is None:
+        return None
+    if len(classes) != 2 or c.positive_class not in classes:
+        raise ValueError(f"positive_class {c.positive_class!r} needs two classes including it, not {classes}")
+    return classes.index(c.positive_class)
+
+
+def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, classes: list[str]):
     """Validation on whole validation volumes (sliding window, as the test evaluation and
     inference see them), not on a handful of random patches: the monitor that picks the best
-    checkpoint and stops training early is then the quantity reported."""
+    checkpoint and stops training early is then the quantity reported. Segmentation: mean
+    Dice; classification: F1 of the volumes' classes. Other tasks validate on patches."""
     c = run.train
     root = f"{run.store}/preprocessed/{run.version}"
+    if c.task == "classification":
+        ids, truths = _volume_classes(run, _split_volumes(run, "validation"), classes)
+        if not ids:
+            return None
+        positive = _positive(c, classes)
+
+        def validate_classes(models: dict) -> dict[str, float]:
+            out = evaluate.classification_volumes(models["model"], root, ids, truths, num_classes, c.patch_size,
+                                                  device, positive)
+            return {"accuracy": out["accuracy"], "f1": out["f1"], "roc_auc": out["roc_auc"], "monitor": out["f1"]}
+
+        return validate_classes
+    if c.task != "segmentation":
+        return None
     ids = _split_volumes(run, "validation", labelled=True)
     if not ids:
         return None
@@ -127,7 +178,8 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device):
     return validate
 
 
-def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.device, folder) -> dict[str, Any]:
+def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.device, folder,
+              classes: list[str]) -> dict[str, Any]:
     c = run.train
     root = f"{run.store}/preprocessed/{run.version}"
     if c.task == "gan":
@@ -141,13 +193,18 @@ def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.devi
     if c.task == "segmentation":
         return evaluate.segmentation(model, root, _split_volumes(run, "test", labelled=True), c.patch_size,
                                      num_classes, device, run.label_name, largest=c.keep_largest)
-    kw = dict(class_balanced=True, foreground_oversample=1.0) if c.task == "classification" else {}
     test = patch_dataset(run.store, c.patch_size, version=run.version, split="test",
                          samples_per_epoch=max(8, c.val_steps * c.batch_size), seed=c.seed + 2,
-                         label_name=run.label_name, **kw)
+                         label_name=_label_name(run), **_classification_sampling(c))
     batches = list(make_loader(test, batch_size=c.batch_size))
     if c.task == "classification":
-        return evaluate.classification(model, batches, num_classes, device)
+        # The volumes' classes are what a user asks for; patch metrics are kept alongside.
+        positive = _positive(c, classes)
+        patches = evaluate.classification(model, batches, num_classes, device, positive or 0)
+        ids, truths = _volume_classes(run, _split_volumes(run, "test"), classes)
+        out = evaluate.classification_volumes(model, root, ids, truths, num_classes, c.patch_size, device, positive) \
+            if ids else {}
+        return out | {f"patch_{k}": v for k, v in patches.items() if k in ("accuracy", "f1", "roc_auc", "samples")}
     if c.task == "autoencoder":
         return evaluate.autoencoder(model, batches, device)
     out = evaluate.gan(g, batches, c.latent_size, device, seed=c.seed)

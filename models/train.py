@@ -57,6 +57,14 @@ class TrainConfig(BaseModel):
     latent_size: int = 64
     keep_largest: tuple[int, ...] = ()  # segmentation post-processing: classes kept as one component
     denoise_std: float = 0.1  # autoencoder input noise, in units of the image's std
+    # Binary classification as detection: ``positive_class`` is the class a volume has when any
+    # window of it shows it (volume probability = the largest window probability); with
+    # ``positive_label`` a training patch's target comes from the segmentation (positive when it
+    # holds at least ``min_positive_voxels`` voxels of that label value), not from the volume's
+    # class, which a patch that misses the lesion would contradict.
+    positive_class: str | None = None
+    positive_label: int | None = None
+    min_positive_voxels: int = 8
 
 
 def _seed_everything(seed: int) -> None:

@@ -111,8 +111,34 @@ def test_dataset_from_a_preprocessed_split_and_an_fsspec_url(labelled_store):
     from voxelflow import catalog
 
     train = {r["volume_id"] for r in catalog.read_table(labelled_store, "splits").to_pylist() if r["split"] == "train"}
-    assert {e.volume_id for e in local.entries} == train
+    labelled = {r["volume_id"] for r in catalog.read_table(labelled_store, "labels").to_pylist()
+                if r["name"] == "segmentation"}
+    assert train - labelled  # the MR volume's labels are named "brain": not a source of segmentation patches
+    assert {e.volume_id for e in local.entries} == train & labelled
+    images_only = patch_dataset(str(labelled_store), (16, 32, 32), version=config.version(), split="train",
+                                label_name=None)
+    assert {e.volume_id for e in images_only.entries} == train
     assert all(e.locations for e in local.entries)  # from preprocessing: foreground oversampling works
     for i in range(6):
         a, b = local[i], remote[i]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_patch_classes_from_the_label(labelled_store):
+    """With ``class_from_label`` a patch is "lesion" exactly when it holds enough lesion voxels,
+    whatever its volume's class."""
+    config = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
+    run_local(config)
+    ds = patch_dataset(str(labelled_store), (8, 16, 16), version=config.version(), samples_per_epoch=60,
+                       class_balanced=True, foreground_oversample=2 / 3, class_from_label=(2, 5, "lesion"))
+    assert ds.classes == ["lesion", "no_lesion"]
+    seen = set()
+    for i in range(len(ds)):
+        item = ds[i]
+        hit = int((item["label"] == 2).sum()) >= 5
+        assert item["class"] == (0 if hit else 1)
+        seen.add(hit)
+    assert seen == {True, False}
+    with pytest.raises(ValueError, match="two classes"):
+        patch_dataset(str(labelled_store), (8, 16, 16), version=config.version(), class_balanced=True,
+                      class_from_label=(2, 5, "tumour"))

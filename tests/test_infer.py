@@ -3,6 +3,8 @@ already predicted are skipped, NIfTI exports match, lesions are measured consist
 
 from __future__ import annotations
 
+import json
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ import zarr
 
 from models.run import TrainRun, train_model
 from models.train import TrainConfig
-from voxelflow import catalog, store as st
+from voxelflow import catalog, registry, store as st
 from voxelflow.export import export_label
 from voxelflow.infer import InferConfig, _components, run_local
 from voxelflow.preprocess import PreprocessConfig, resolve
@@ -23,9 +25,10 @@ TINY = dict(patch_size=(16, 32, 32), epochs=2, steps_per_epoch=4, val_steps=2, b
 def trained(labelled_store):
     pre = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
     preprocess(pre)
+    detect = dict(positive_class="lesion", positive_label=2)  # patch targets from the lesion label
     for task in ("segmentation", "classification"):
         train_model(TrainRun(store=str(labelled_store), version=pre.version(), name=f"infer-{task}",
-                             train=TrainConfig(task=task, **TINY)))
+                             train=TrainConfig(task=task, **TINY, **(detect if task == "classification" else {}))))
     return str(labelled_store)
 
 
@@ -57,6 +60,37 @@ def test_classification_probabilities_in_the_catalog(trained):
     for r in rows:
         assert abs(sum(r["probabilities"]) - 1) < 1e-5 and r["prediction"] in r["classes"]
         assert r["classes"] == ["lesion", "no_lesion"]
+    info = json.loads((registry.version_dir(store, "infer-classification", rows[0]["version"]) / "model.json").read_text())
+    assert info["config"]["classes"] == ["lesion", "no_lesion"]
+    test = info["metrics"]["test"]  # whole test volumes, with patch metrics alongside
+    assert test["volumes"] >= 1 and sum(map(sum, test["confusion"])) == test["volumes"] and test["patch_samples"] >= 8
+
+
+def test_volume_classes_come_from_their_windows(tmp_path):
+    """A bright spot in one corner of one volume: only one sliding window sees it, and the
+    volume is positive because its largest window probability is."""
+    import torch
+
+    from models.evaluate import classification_volumes, volume_probabilities
+
+    class Spot(torch.nn.Module):  # "lesion" when a window holds a voxel above 0.9
+        def forward(self, x):
+            hit = (x.flatten(1).max(1).values > 0.9).float()
+            return torch.stack([10 * hit - 5, torch.zeros_like(hit)], 1)
+
+    root = tmp_path / "store"
+    st.init_store(root)
+    for i, corner in enumerate([(0, 0, 0), None, (-1, -1, -1)]):
+        data = np.full((20, 40, 40), 0.5, np.float32)
+        if corner is not None:
+            data[corner] = 1.0
+        st.write_volume(root, f"v{i}", data, np.eye(4))
+    out = classification_volumes(Spot(), str(root), ["v0", "v1", "v2"], [0, 1, 0], 2, (16, 16, 16),
+                                 torch.device("cpu"), positive=0)
+    assert out["confusion"] == [[2, 0], [0, 1]] and out["f1"] == 1.0 and out["volumes"] == 3
+    windows = np.array([[0.2, 0.8], [0.7, 0.3], [0.1, 0.9]])
+    np.testing.assert_allclose(volume_probabilities(windows, 0), [0.7, 0.3])
+    np.testing.assert_allclose(volume_probabilities(windows, None), windows.mean(0))
 
 
 def test_lesion_table_measures_components():

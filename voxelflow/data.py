@@ -57,12 +57,16 @@ class ZarrPatchDataset(Dataset):
         classes: class names in a fixed order (their index is the returned ``"class"``).
         seed: the sampling seed.
         transform: called on each sample dict (e.g. on-the-fly augmentation).
+        class_from_label: ``(label value, min voxels, positive class)``: a patch's ``"class"``
+            is the positive class when its (transformed) label patch holds at least that many
+            voxels of that value, else the other class (binary classification only).
     """
 
     def __init__(self, store: Any, entries: list[VolumeEntry], patch_size: tuple[int, int, int], *,
                  samples_per_epoch: int = 256, label_name: str | None = "segmentation",
                  foreground_oversample: float = 1 / 3, class_balanced: bool = False,
-                 classes: list[str] | None = None, seed: int = 0, transform=None):
+                 classes: list[str] | None = None, seed: int = 0, transform=None,
+                 class_from_label: tuple[int, int, str] | None = None):
         if not entries:
             raise ValueError("ZarrPatchDataset needs at least one volume")
         self.store = store
@@ -76,6 +80,13 @@ class ZarrPatchDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self.transform = transform
+        self.class_from_label = class_from_label
+        if class_from_label is not None:
+            if not label_name:
+                raise ValueError("class_from_label needs label patches (label_name)")
+            if len(self.classes) != 2 or class_from_label[2] not in self.classes:
+                raise ValueError(f"class_from_label needs two classes including {class_from_label[2]!r}, "
+                                 f"not {self.classes}")
         self._by_class: dict[str, list[int]] = defaultdict(list)
         for i, e in enumerate(entries):
             if e.label is not None:
@@ -156,7 +167,12 @@ class ZarrPatchDataset(Dataset):
             item["label"] = torch.from_numpy(label.astype(np.int64))[None]
         # -1 for a volume without a class, so batches always collate
         item["class"] = self.classes.index(entry.label) if entry.label in self.classes else -1
-        return self.transform(item) if self.transform else item
+        item = self.transform(item) if self.transform else item
+        if self.class_from_label is not None:
+            value, min_voxels, positive = self.class_from_label
+            hit = int((item["label"] == value).sum()) >= min_voxels
+            item["class"] = self.classes.index(positive) if hit else 1 - self.classes.index(positive)
+        return item
 
 
 # ----------------------------------------------------------------------------- building
@@ -178,7 +194,8 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
                   split: str | None = None, **kwargs: Any) -> ZarrPatchDataset:
     """A :class:`ZarrPatchDataset` over a store's volumes, or over its preprocessed copy
     ``version`` (whose sampled class locations drive foreground oversampling), restricted to
-    one split of the catalog. ``store`` may be a local path or an fsspec URL.
+    one split of the catalog and, when ``label_name`` is set (the default), to volumes that
+    have that label. ``store`` may be a local path or an fsspec URL.
     """
     store = str(store)
     classes = {r["volume_id"]: r["label"] for r in (_read_parquet(store, "catalog/classes.parquet") or
@@ -187,12 +204,19 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
                                                    _empty()).to_pylist()}
     if split is not None and not splits:
         raise ValueError(f"{store} has no split; run `voxelflow labels --split`")
+    label_name = kwargs.get("label_name", "segmentation")
     if version:
         root = f"{store.rstrip('/')}/preprocessed/{version}"
         rows = [r for r in _read_parquet(root, "catalog/preprocessed.parquet").to_pylist() if r["status"] == "done"]
+        # a preprocessed copy holds one label name, written where the volume had it
+        labelled = {r["volume_id"] for r in rows if r.get("label_digest")}
     else:
         root = store
         rows = [r for r in _read_parquet(store, "catalog/volumes.parquet").to_pylist() if len(r["shape"]) == 3]
+        labelled = {r["volume_id"] for r in (_read_parquet(store, "catalog/labels.parquet") or _empty()).to_pylist()
+                    if r.get("name") == label_name}
+    if label_name:  # patches with labels come from volumes that have them
+        rows = [r for r in rows if r["volume_id"] in labelled]
     entries = []
     for r in rows:
         vid = r["volume_id"]
@@ -206,6 +230,9 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
                 zyx = np.stack([table.column(c).to_numpy() for c in ("z", "y", "x")], axis=1)
                 locations = {int(v): zyx[labels == v] for v in np.unique(labels)}
         entries.append(VolumeEntry(vid, tuple(r["shape"]), classes.get(vid), locations))
+    # class indices from the whole catalog, so every split numbers the classes alike even when
+    # one of them lacks a class
+    kwargs.setdefault("classes", sorted(set(classes.values())) or None)
     return ZarrPatchDataset(root, entries, patch_size, **kwargs)
 
 

@@ -119,20 +119,12 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
                 "probabilities": [float((pred == k).mean()) for k in range(num_classes)]}
         lesions = _components(pred, probs, pre.affine, volume_id, config.name, info["version"], config.min_voxels)
     elif train.task == "classification":
-        from monai.inferers import SlidingWindowSplitter
+        from models.evaluate import volume_probabilities, window_probabilities
 
-        windows = []
-        splitter = SlidingWindowSplitter(patch_size=tuple(train.patch_size), overlap=0.0, pad_mode="constant")
-        for patch, _ in splitter(image):
-            with autocast(device, True):
-                windows.append(torch.softmax(model(patch).float(), 1).cpu())
-        p = torch.cat(windows).numpy()
-        classes = sorted({r["label"] for r in catalog.read_table(config.store, "classes").to_pylist()})
-        if p.shape[1] == 2:
-            positive = 0  # classes are sorted: the rarer label comes first in voxelflow's data ("lesion")
-            vol = np.array([p[:, positive].max(), 1 - p[:, positive].max()])
-        else:
-            vol = p.mean(0)
+        classes = info["config"].get("classes") or \
+            sorted({r["label"] for r in catalog.read_table(config.store, "classes").to_pylist()})
+        positive = classes.index(train.positive_class) if train.positive_class in classes else None
+        vol = volume_probabilities(window_probabilities(model, image, train.patch_size, device), positive)
         row |= {"classes": classes[: len(vol)], "probabilities": [float(v) for v in vol],
                 "prediction": classes[int(vol.argmax())] if classes else str(int(vol.argmax()))}
         if config.explain:
