@@ -14,10 +14,6 @@ from voxelflow import infer
 def infer_volumes(config: infer.InferConfig, info: dict, volume_ids: list[str]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, train, n = infer.load_model(config, info, device)
-    rows, lesions = [], []
-    for vid in volume_ids:
-        row, les = infer.infer_volume(config, info, model, train, n, vid, device)
-        rows.append(row)
-        lesions += les
+    rows, lesions = infer.infer_volumes(config, info, model, train, n, volume_ids, device)
     get_run_logger().info("predicted %d volumes on %s (%d lesions)", len(rows), device, len(lesions))
     return {"rows": rows, "lesions": lesions}

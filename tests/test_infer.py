@@ -181,3 +181,30 @@ def test_keep_largest_component():
     out = keep_largest(pred, (1,))
     assert out[5, 5, 5] == 0 and (out == 1).sum() == 26 and out[1, 1, 1] == 2 and out[5, 0, 0] == 2
     assert keep_largest(pred, ()) is pred
+
+
+def test_pipelined_inference_equals_one_volume_at_a_time(trained):
+    """The reader / model / writer pipeline gives the rows, lesions and labels of the plain loop."""
+    import torch
+
+    from voxelflow import infer
+
+    store = trained
+    device = torch.device("cpu")
+    for name in ("infer-segmentation", "infer-classification"):
+        config = InferConfig(store=store, name=name, explain=False)
+        info = infer.model_info(config)
+        model, train, n = infer.load_model(config, info, device)
+        todo, done = infer.plan(config, info)
+        volumes = sorted(todo + done)[:3]
+        rows, lesions = infer.infer_volumes(config, info, model, train, n, volumes, device)
+        labels = {v: st.open_label(store, v, f"prediction-{name}")[...] for v in volumes} \
+            if train.task == "segmentation" else {}
+        for i, vid in enumerate(volumes):
+            row, les = infer.infer_volume(config, info, model, train, n, vid, device)
+            assert rows[i]["volume_id"] == vid
+            np.testing.assert_allclose(rows[i]["probabilities"], row["probabilities"], rtol=1e-6)
+            assert rows[i]["prediction"] == row["prediction"]
+            assert [x for x in lesions if x["volume_id"] == vid] == les
+            if vid in labels:
+                np.testing.assert_array_equal(labels[vid], st.open_label(store, vid, f"prediction-{name}")[...])

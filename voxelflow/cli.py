@@ -82,25 +82,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         shutil.rmtree(store)  # a fresh demo store each time
     sources = build_demo_archive(work / "sources")
-    synthetic = build_synthetic_archive(work / "synthetic", SynthConfig(patients=args.patients, mr_patients=2))
+    synthetic = build_synthetic_archive(work / "synthetic", SynthConfig(patients=args.patients, mr_patients=2,
+                                                                                 positive_fraction=0.4))
     sources.append(str(synthetic / "images"))
     print("demo sources:", *sources, sep="\n  ")
     common = dict(dask_address=args.dask_address, workers=args.workers)
     cmd_ingest(argparse.Namespace(sources=sources, store=store, scratch=None, secret_file=None, batch_size=64,
                                   chunk=64, json=None, **common))
     cmd_labels(argparse.Namespace(store=store, segmentations=str(synthetic / "labels" / "segmentations.csv"),
-                                  classes=str(synthetic / "labels" / "labels.csv"), split="0.7,0.15,0.15",
+                                  classes=str(synthetic / "labels" / "labels.csv"), split="0.6,0.2,0.2",
                                   seed=0, secret_file=None))
     version = _preprocess(argparse.Namespace(store=store, spacing=None, interpolation="linear", no_crop=False,
                                              volume=None, labelled_only=True, **common))
     cmd_augment(argparse.Namespace(store=store, version=version, copies=2, seed=0, split="train", **common))
     if args.train_epochs:
+        settings = {
+            # the liver is one piece: keep its largest component
+            "segmentation": ["steps_per_epoch=20", "patch_size=[32,64,64]", "keep_largest=[1]"],
+            # lesion / no lesion as detection: patch targets from the lesion label (value 2),
+            # a volume is positive when one of its windows is
+            "classification": ["steps_per_epoch=20", "batch_size=4", "patch_size=[24,48,48]",
+                               "positive_class=lesion", "positive_label=2"],
+        }
         for task in ("segmentation", "classification"):
             cmd_train(argparse.Namespace(
                 store=store, version=version, task=task, config=None, name=None, no_augment=False, gpu=None,
-                set=[f"epochs={args.train_epochs}", "steps_per_epoch=20", "val_steps=6", "patch_size=[32,64,64]"]
-                + (["keep_largest=[1]"] if task == "segmentation" else []),  # the liver is one piece
-                **common))
+                set=[f"epochs={args.train_epochs}", "early_stopping=8", *settings[task]], **common))
             cmd_infer(argparse.Namespace(store=store, name=task, model=None, split=None, volume=None, gpu=None,
                                          export=str(work / "predictions") if task == "segmentation" else None,
                                          dicom_seg=None, **common))
@@ -155,7 +162,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings |= json.loads(Path(args.config).read_text())
     for item in args.set or []:
         key, _, value = item.partition("=")
-        settings[key] = json.loads(value) if value[:1] in "[{0123456789-.tfn" else value
+        try:
+            settings[key] = json.loads(value)  # numbers, lists, true/false/null
+        except json.JSONDecodeError:
+            settings[key] = value  # a bare string: positive_class=no_lesion
     run = TrainRun(store=args.store, version=args.version, name=args.name, train=TrainConfig(**settings),
                    augment=not args.no_augment)
     api = _prefect_api()
@@ -308,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="sample archives -> ingest -> labels -> preprocess -> augment -> train -> infer")
     p.add_argument("--workdir", default="demo-output")
-    p.add_argument("--patients", type=int, default=12, help="synthetic CT patients")
+    p.add_argument("--patients", type=int, default=30, help="synthetic CT patients (2 in 5 with lesions)")
     p.add_argument("--train-epochs", type=int, default=15,
                    help="epochs for the demo's segmentation and classification models (0: skip training)")
     add_dask(p)

@@ -82,28 +82,65 @@ def plan(config: InferConfig, info: dict[str, Any]) -> tuple[list[str], list[str
     return [v for v in candidates if v not in done], [v for v in candidates if v in done]
 
 
-@torch.no_grad()
-def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_classes: int, volume_id: str,
-                 device: torch.device) -> tuple[dict, list[dict]]:
-    """Predict one volume; write a segmentation back into the store. Returns the prediction row
-    and its lesion rows."""
-    from monai.inferers import sliding_window_inference
+def _load(config: InferConfig, info: dict[str, Any], volume_id: str):
+    """Stage 1 (I/O): the volume's preprocessed copy as a ``(1, 1, z, y, x)`` float tensor."""
+    pre = open_volume(f"{config.store}/preprocessed/{info['config']['version']}", volume_id)
+    image = torch.from_numpy(np.ascontiguousarray(pre.array[...], dtype=np.float32))[None, None]
+    return pre, image
 
+
+@torch.no_grad()
+def _predict(config: InferConfig, info: dict[str, Any], model, train, image: torch.Tensor,
+             device: torch.device) -> np.ndarray:
+    """Stage 2 (compute): segmentation class probabilities ``(classes, z, y, x)``, or the
+    volume's class probabilities."""
     from models.networks import autocast
 
-    pre_root = f"{config.store}/preprocessed/{info['config']['version']}"
-    pre = open_volume(pre_root, volume_id)
-    image = torch.from_numpy(np.ascontiguousarray(pre.array[...], dtype=np.float32))[None, None].to(device)
+    image = image.to(device, non_blocking=True)
+    if train.task == "segmentation":
+        from monai.inferers import sliding_window_inference
+
+        with autocast(device, True):
+            logits = sliding_window_inference(image, roi_size=tuple(train.patch_size), sw_batch_size=config.sw_batch_size,
+                                              predictor=model, overlap=config.overlap, mode="gaussian")
+        return torch.softmax(logits.float(), 1)[0].cpu().numpy()
+    if train.task == "classification":
+        from models.evaluate import volume_probabilities, window_probabilities
+
+        classes = _classes(config, info)
+        positive = classes.index(train.positive_class) if train.positive_class in classes else None
+        return volume_probabilities(window_probabilities(model, image, train.patch_size, device), positive)
+    raise ValueError(f"inference is defined for segmentation and classification models, not {train.task}")
+
+
+def _classes(config: InferConfig, info: dict[str, Any]) -> list[str]:
+    return info["config"].get("classes") or \
+        sorted({r["label"] for r in catalog.read_table(config.store, "classes").to_pylist()})
+
+
+def _explain(config: InferConfig, info: dict[str, Any], model, train, volume_id: str, probs: np.ndarray,
+             device: torch.device) -> str | None:
+    """Grad-CAM of a classified volume and its QC image (in the thread that runs the model:
+    Grad-CAM hooks the model's layers)."""
+    if train.task != "classification" or not config.explain:
+        return None
+    from voxelflow.explain import explain_stored
+
+    _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",
+                            model, train.patch_size, volume_id, int(probs.argmax()), device)
+    return str(png)
+
+
+def _finish(config: InferConfig, info: dict[str, Any], train, num_classes: int, volume_id: str, pre,
+            probs: np.ndarray, qc_image: str | None) -> tuple[dict, list[dict]]:
+    """Stage 3 (post-processing and I/O): the prediction row and lesion rows; a segmentation is
+    mapped back to the original grid and written into the volume's ``labels/``."""
     now = datetime.now(timezone.utc).replace(microsecond=0)
     row = {"volume_id": volume_id, "model": config.name, "version": info["version"], "task": train.task,
            "label_name": None, "classes": [], "probabilities": [], "prediction": None, "qc_image": None,
            "created_at": now}
     lesions: list[dict] = []
     if train.task == "segmentation":
-        with autocast(device, True):
-            logits = sliding_window_inference(image, roi_size=tuple(train.patch_size), sw_batch_size=config.sw_batch_size,
-                                              predictor=model, overlap=config.overlap, mode="gaussian")
-        probs = torch.softmax(logits.float(), 1)[0].cpu().numpy()
         from models.evaluate import keep_largest
 
         pred = keep_largest(probs.argmax(0).astype(np.uint8), train.keep_largest)
@@ -118,24 +155,54 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
                 "classes": [str(k) for k in range(num_classes)],
                 "probabilities": [float((pred == k).mean()) for k in range(num_classes)]}
         lesions = _components(pred, probs, pre.affine, volume_id, config.name, info["version"], config.min_voxels)
-    elif train.task == "classification":
-        from models.evaluate import volume_probabilities, window_probabilities
-
-        classes = info["config"].get("classes") or \
-            sorted({r["label"] for r in catalog.read_table(config.store, "classes").to_pylist()})
-        positive = classes.index(train.positive_class) if train.positive_class in classes else None
-        vol = volume_probabilities(window_probabilities(model, image, train.patch_size, device), positive)
-        row |= {"classes": classes[: len(vol)], "probabilities": [float(v) for v in vol],
-                "prediction": classes[int(vol.argmax())] if classes else str(int(vol.argmax()))}
-        if config.explain:
-            from voxelflow.explain import explain_stored
-
-            _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",
-                                    model, train.patch_size, volume_id, int(vol.argmax()), device)
-            row["qc_image"] = str(png)
     else:
-        raise ValueError(f"inference is defined for segmentation and classification models, not {train.task}")
+        classes = _classes(config, info)
+        row |= {"classes": classes[: len(probs)], "probabilities": [float(v) for v in probs],
+                "prediction": classes[int(probs.argmax())] if classes else str(int(probs.argmax())),
+                "qc_image": qc_image}
     return row, lesions
+
+
+def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_classes: int, volume_id: str,
+                 device: torch.device) -> tuple[dict, list[dict]]:
+    """Predict one volume; write a segmentation back into the store. Returns the prediction row
+    and its lesion rows."""
+    pre, image = _load(config, info, volume_id)
+    probs = _predict(config, info, model, train, image, device)
+    qc = _explain(config, info, model, train, volume_id, probs, device)
+    return _finish(config, info, train, num_classes, volume_id, pre, probs, qc)
+
+
+def infer_volumes(config: InferConfig, info: dict[str, Any], model, train, num_classes: int,
+                  volume_ids: list[str], device: torch.device) -> tuple[list[dict], list[dict]]:
+    """Predict volumes in a pipeline: while the model runs on volume ``i``, a reader thread
+    loads volume ``i + 1`` and a writer thread post-processes and writes volume ``i - 1``
+    (Zarr decompression and numpy release the GIL). Same results as :func:`infer_volume` in
+    a loop, in the same order; an error in any stage is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rows: list[dict] = []
+    lesions: list[dict] = []
+    if not volume_ids:
+        return rows, lesions
+    with ThreadPoolExecutor(1, thread_name_prefix="infer-read") as reader, \
+            ThreadPoolExecutor(1, thread_name_prefix="infer-write") as writer:
+        loading = reader.submit(_load, config, info, volume_ids[0])
+        writes = []
+        for i, vid in enumerate(volume_ids):
+            pre, image = loading.result()
+            if i + 1 < len(volume_ids):
+                loading = reader.submit(_load, config, info, volume_ids[i + 1])
+            probs = _predict(config, info, model, train, image, device)
+            qc = _explain(config, info, model, train, vid, probs, device)
+            writes.append(writer.submit(_finish, config, info, train, num_classes, vid, pre, probs, qc))
+            if len(writes) > 2:  # bounded memory: at most two volumes wait for the writer
+                writes[-3].result()
+        for w in writes:
+            row, les = w.result()
+            rows.append(row)
+            lesions += les
+    return rows, lesions
 
 
 def _components(pred: np.ndarray, probs: np.ndarray, affine: np.ndarray, vid: str, model: str,
@@ -188,11 +255,7 @@ def run_local(config: InferConfig) -> dict[str, Any]:
     info = model_info(config)
     todo, done = plan(config, info)
     model, train, n = load_model(config, info, device)
-    rows, lesions = [], []
-    for vid in todo:
-        r, les = infer_volume(config, info, model, train, n, vid, device)
-        rows.append(r)
-        lesions += les
+    rows, lesions = infer_volumes(config, info, model, train, n, todo, device)
     write_catalog(config.store, rows, lesions)
     return {"model": config.name, "version": info["version"], "predicted": len(rows), "skipped": len(done),
             "lesions": len(lesions)}
