@@ -58,6 +58,16 @@ def main():
     out = run_local(InferConfig(store=store, name="bench-seg", version=summary["version"]))
     t_vf = time.perf_counter() - t0
     assert out["predicted"] == len(vids)
+    # 1b. the same stages one volume at a time (no reader / writer threads)
+    from voxelflow import infer
+
+    config = InferConfig(store=store, name="bench-seg", version=summary["version"])
+    info = infer.model_info(config)
+    seq_model, train, n_out = infer.load_model(config, info, device)
+    t0 = time.perf_counter()
+    for v in vids:
+        infer.infer_volume(config, info, seq_model, train, n_out, v, device)
+    t_seq = time.perf_counter() - t0
     # 2. pure forward: the same windows over tensors in memory
     from monai.inferers import sliding_window_inference
 
@@ -90,7 +100,9 @@ def main():
             save(y[0].argmax(0, keepdim=True).cpu())
         t_monai = time.perf_counter() - t0
     n = len(vids)
-    rows = [("voxelflow bulk inference (store in, store out)", t_vf), ("model forward only (tensors in memory)", t_fwd),
+    rows = [("voxelflow bulk inference (store in, store out)", t_vf),
+            ("voxelflow, one volume at a time (no read/write overlap)", t_seq),
+            ("model forward only (tensors in memory)", t_fwd),
             ("plain MONAI loop (NIfTI in, NIfTI out)", t_monai)]
     (work / "infer-results.json").write_text(json.dumps({"volumes": n, "device": str(device),
                                                          "seconds": {k: v for k, v in rows}}, indent=2))

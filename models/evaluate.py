@@ -94,7 +94,7 @@ def classification(model, batches: list[dict], num_classes: int, device: torch.d
 
 
 @torch.no_grad()
-def window_probabilities(model, image: torch.Tensor, patch_size, device: torch.device, overlap: float = 0.25,
+def window_probabilities(model, image: torch.Tensor, patch_size, device: torch.device, overlap: float = 0.5,
                          batch_size: int = 4) -> np.ndarray:
     """Class probabilities of every sliding window over ``image`` ``(1, 1, z, y, x)``:
     ``(windows, classes)``. Windows are batched (MONAI's splitter pads the border ones)."""

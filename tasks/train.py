@@ -3,8 +3,10 @@ progress and the metrics table, curve and sample images as Prefect artifacts."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+import torch
 from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -29,6 +31,12 @@ def train(run: TrainRun) -> dict:
         log.info("epoch %d: loss %.4f, validation %.4f, %.1f samples/s, data wait %.0f%%", row["epoch"],
                  row["train_loss"], row["monitor"], row["samples_per_s"], 100 * row["data_wait_share"])
 
+    if not torch.cuda.is_available():
+        # Dask workers run one thread each (right for many conversions at once); a training run
+        # is its flow's only task, so it takes the machine's cores (VOXELFLOW_TRAIN_THREADS caps it).
+        threads = int(os.environ.get("VOXELFLOW_TRAIN_THREADS", 0)) or len(os.sched_getaffinity(0))
+        torch.set_num_threads(threads)
+        log.info("training on CPU with %d threads", threads)
     summary = train_model(run, on_epoch=on_epoch)
     update_progress_artifact(progress, 100.0)
     key = f"train-{summary['name']}".lower().replace("_", "-")

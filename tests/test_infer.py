@@ -52,6 +52,33 @@ def test_segmentation_predictions_land_on_the_original_grid_with_provenance(trai
     assert (again["predicted"], again["skipped"]) == (0, summary["predicted"])
 
 
+def test_a_changed_volume_is_predicted_again(trained):
+    """Skip-if-done is by content: a prediction made from other voxels (the volume was
+    re-ingested or re-preprocessed since) does not count, nor does a row from a catalog written
+    before predictions recorded their input."""
+    import pyarrow as pa
+
+    from voxelflow import infer
+
+    store = trained
+    config = InferConfig(store=store, name="infer-segmentation", split="test")
+    run_local(config)
+    info = infer.model_info(config)
+    todo, done = infer.plan(config, info)
+    assert todo == [] and done
+    table = catalog.read_table(store, "predictions")
+    rows = table.to_pylist()
+    changed = next(r for r in rows if r["model"] == "infer-segmentation" and r["volume_id"] == done[0])
+    changed["input_digest"] = "0" * 16
+    old = pa.Table.from_pylist(rows, schema=catalog.PREDICTION_SCHEMA)
+    catalog.write_table(store, "predictions", old.drop_columns(["input_digest"]))  # an older catalog
+    assert sorted(infer.plan(config, info)[0]) == sorted(done)  # nothing recorded: all predicted again
+    catalog.write_table(store, "predictions", old)
+    assert infer.plan(config, info)[0] == [done[0]]
+    assert run_local(config)["predicted"] == 1
+    assert infer.plan(config, info)[0] == []
+
+
 def test_classification_probabilities_in_the_catalog(trained):
     store = trained
     summary = run_local(InferConfig(store=store, name="infer-classification"))

@@ -87,6 +87,25 @@ def test_split_is_patient_level_stratified_and_seeded(labelled):
     assert {r["split"] for r in stored} <= {"train", "validation", "test"}
 
 
+def test_a_kept_split_never_moves_a_patient(labelled):
+    """Nightly re-runs: patients split earlier keep their split whatever the seed; patients
+    that arrived since are assigned."""
+    import pyarrow as pa
+
+    from voxelflow.catalog import SPLIT_SCHEMA
+
+    _, store, _, _, _, _, _ = labelled
+    rows = make_split(store, seed=3)
+    patients = sorted({r["patient_key"] for r in rows})
+    earlier = [r for r in rows if r["patient_key"] in patients[::2]]  # as if half had arrived so far
+    catalog.write_table(store, "splits", pa.Table.from_pylist(earlier, schema=SPLIT_SCHEMA))
+    again = make_split(store, seed=99, keep_existing=True)
+    assert {r["volume_id"] for r in again} == {r["volume_id"] for r in rows}
+    new = {r["volume_id"]: r["split"] for r in again}
+    assert all(new[r["volume_id"]] == r["split"] for r in earlier)
+    assert make_split(store, seed=7, keep_existing=True) == make_split(store, seed=8, keep_existing=True)
+
+
 # ----------------------------------------------------------------- mismatches
 
 

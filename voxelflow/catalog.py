@@ -72,6 +72,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("task", pa.string()),
     ("label_name", pa.string()), ("classes", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())),
     ("prediction", pa.string()), ("qc_image", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
+    ("input_digest", pa.string()),  # the preprocessed volume's content digest the model saw
 ])
 LESION_SCHEMA = pa.schema([
     ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("label", pa.int64()),
@@ -129,8 +130,17 @@ def merge(old: pa.Table, new_rows: list[dict[str, Any]], schema: pa.Schema,
     else:
         fresh = {tuple(r[k] for k in key) for r in new.select(list(key)).to_pylist()}
         keep = [tuple(r[k] for k in key) not in fresh for r in old.select(list(key)).to_pylist()]
-        merged = pa.concat_tables([old.filter(pa.array(keep, pa.bool_())).cast(schema), new])
+        merged = pa.concat_tables([conform(old.filter(pa.array(keep, pa.bool_())), schema), new])
     return merged.sort_by([(k, "ascending") for k in key])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``: columns a newer schema added (absent from a catalog written by an
+    earlier version) are filled with nulls."""
+    for field in schema:
+        if field.name not in table.column_names:
+            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
+    return table.select(schema.names).cast(schema)
 
 
 def update_catalog(store: str | os.PathLike, volume_rows: list[dict[str, Any]],

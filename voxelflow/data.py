@@ -58,8 +58,9 @@ class ZarrPatchDataset(Dataset):
         seed: the sampling seed.
         transform: called on each sample dict (e.g. on-the-fly augmentation).
         class_from_label: ``(label value, min voxels, positive class)``: a patch's ``"class"``
-            is the positive class when its (transformed) label patch holds at least that many
-            voxels of that value, else the other class (binary classification only).
+            comes from its (transformed) label patch, not the volume: the positive class when
+            the patch's centre holds at least that many voxels of that value, -1 (ignored by the
+            loss) when it shows only near the border, else the other class (binary only).
     """
 
     def __init__(self, store: Any, entries: list[VolumeEntry], patch_size: tuple[int, int, int], *,
@@ -169,10 +170,22 @@ class ZarrPatchDataset(Dataset):
         item["class"] = self.classes.index(entry.label) if entry.label in self.classes else -1
         item = self.transform(item) if self.transform else item
         if self.class_from_label is not None:
-            value, min_voxels, positive = self.class_from_label
-            hit = int((item["label"] == value).sum()) >= min_voxels
-            item["class"] = self.classes.index(positive) if hit else 1 - self.classes.index(positive)
+            item["class"] = self._class_from_label(item["label"])
         return item
+
+    def _class_from_label(self, label: torch.Tensor) -> int:
+        """Positive when the central half of the patch (along every axis) holds enough voxels of
+        the label value; -1 (left out of the loss) when the value shows only near the border,
+        where a window that cuts through a lesion is neither clearly positive nor negative;
+        negative otherwise. Inference slides windows with half-patch overlap, so every lesion
+        lies in the centre of some window."""
+        value, min_voxels, positive = self.class_from_label
+        mask = label[0] == value
+        if not bool(mask.any()):
+            return 1 - self.classes.index(positive)
+        q = [n // 4 for n in mask.shape]
+        centre = mask[q[0]:mask.shape[0] - q[0], q[1]:mask.shape[1] - q[1], q[2]:mask.shape[2] - q[2]]
+        return self.classes.index(positive) if int(centre.sum()) >= min_voxels else -1
 
 
 # ----------------------------------------------------------------------------- building

@@ -77,8 +77,12 @@ def plan(config: InferConfig, info: dict[str, Any]) -> tuple[list[str], list[str
         candidates = [v for v in candidates if splits.get(v) == config.split]
     if config.volumes is not None:
         candidates = [v for v in candidates if v in config.volumes]
+    # done: predicted by this version from the volume as it is now (a re-ingested or
+    # re-preprocessed volume with other content is predicted again)
+    digests = {r["volume_id"]: r["digest"] for r in catalog.read_table(root, "preprocessed").to_pylist()}
     done = {r["volume_id"] for r in catalog.read_table(config.store, "predictions").to_pylist()
-            if r["model"] == config.name and r["version"] == info["version"]}
+            if r["model"] == config.name and r["version"] == info["version"]
+            and r.get("input_digest") == digests.get(r["volume_id"])}
     return [v for v in candidates if v not in done], [v for v in candidates if v in done]
 
 
@@ -138,7 +142,7 @@ def _finish(config: InferConfig, info: dict[str, Any], train, num_classes: int, 
     now = datetime.now(timezone.utc).replace(microsecond=0)
     row = {"volume_id": volume_id, "model": config.name, "version": info["version"], "task": train.task,
            "label_name": None, "classes": [], "probabilities": [], "prediction": None, "qc_image": None,
-           "created_at": now}
+           "created_at": now, "input_digest": pre.attributes.get("digest")}
     lesions: list[dict] = []
     if train.task == "segmentation":
         from models.evaluate import keep_largest

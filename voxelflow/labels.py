@@ -17,6 +17,7 @@ classes and a patient-level split, all recorded in the catalog.
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -228,12 +229,16 @@ def import_classes(store: str | os.PathLike, classes_csv: str | os.PathLike, key
 
 
 def make_split(store: str | os.PathLike, seed: int = 0,
-               fractions: tuple[float, float, float] = (0.7, 0.15, 0.15)) -> list[dict]:
+               fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), keep_existing: bool = False) -> list[dict]:
     """Assign every volume's patient to train / validation / test, stratified by class.
 
     Patients are the catalog's pseudonymous ``patient_id`` (a NIfTI volume without one is its
     own patient). A patient is positive for stratification if any of its volumes has a class
     other than the most frequent one. Written to ``catalog/splits.parquet``.
+
+    With ``keep_existing`` patients already in the split keep their assignment and only new
+    patients are drawn (stratified among themselves): what a pipeline that re-runs every night
+    needs, so that no test patient of an earlier model ever moves into training.
     """
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
         raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
@@ -250,8 +255,17 @@ def make_split(store: str | os.PathLike, seed: int = 0,
     for pkey, vids in sorted(patients.items()):
         labels = {classes.get(v) for v in vids} - {None}
         strata[next(iter(sorted(labels - {common})), common or "") if labels else "unlabelled"].append(pkey)
-    rng = np.random.default_rng(seed)
     assignment: dict[str, str] = {}
+    seeds: dict[str, int] = {}  # the seed that drew each patient
+    if keep_existing:
+        old = {r["patient_key"]: r for r in catalog.read_table(store, "splits", SPLIT_SCHEMA).to_pylist()}
+        assignment = {k: r["split"] for k, r in old.items() if k in patients}
+        seeds = {k: r["seed"] for k, r in old.items() if k in patients}
+        strata = {k: [p for p in v if p not in assignment] for k, v in strata.items()}
+        seed_text = hashlib.sha256(",".join(sorted(p for v in strata.values() for p in v)).encode()).hexdigest()
+        rng = np.random.default_rng([seed, int(seed_text[:8], 16)])  # a new batch gets its own draw
+    else:
+        rng = np.random.default_rng(seed)
     for stratum in sorted(strata):
         members = [strata[stratum][i] for i in rng.permutation(len(strata[stratum]))]
         n = len(members)
@@ -261,7 +275,7 @@ def make_split(store: str | os.PathLike, seed: int = 0,
             n_val, n_test = max(n_val, 1 if fractions[1] else 0), max(n_test, 1 if fractions[2] else 0)
         for i, pkey in enumerate(members):
             assignment[pkey] = "test" if i < n_test else "validation" if i < n_test + n_val else "train"
-    rows = [{"volume_id": vid, "patient_key": pkey, "split": assignment[pkey], "seed": seed}
+    rows = [{"volume_id": vid, "patient_key": pkey, "split": assignment[pkey], "seed": seeds.get(pkey, seed)}
             for pkey, vids in patients.items() for vid in vids]
     catalog.write_table(store, "splits", pa.Table.from_pylist(rows, schema=SPLIT_SCHEMA).sort_by("volume_id"))
     return rows
