@@ -164,10 +164,20 @@ def test_export_without_parity_is_refused(trained, monkeypatch):
 def test_classifier_saliency_is_stored_with_a_qc_image(trained):
     from pathlib import Path
 
-    rows = [r for r in catalog.read_table(trained, "predictions").to_pylist() if r["model"] == "infer-classification"]
-    if not rows:
+    import pyarrow as pa
+
+    def rows_of():
+        return [r for r in catalog.read_table(trained, "predictions").to_pylist() if r["model"] == "infer-classification"]
+
+    if not rows_of():
         run_local(InferConfig(store=trained, name="infer-classification"))
-        rows = [r for r in catalog.read_table(trained, "predictions").to_pylist() if r["model"] == "infer-classification"]
+    # default: Grad-CAM for the volumes predicted positive only
+    assert all((r["qc_image"] is not None) == (r["prediction"] == "lesion") for r in rows_of())
+    others = [r for r in catalog.read_table(trained, "predictions").to_pylist() if r["model"] != "infer-classification"]
+    catalog.write_table(trained, "predictions", pa.Table.from_pylist(others, schema=catalog.PREDICTION_SCHEMA))
+    run_local(InferConfig(store=trained, name="infer-classification", split="test", explain="all"))
+    rows = rows_of()
+    assert rows and all(r["qc_image"] for r in rows)
     png = Path(rows[0]["qc_image"])
     assert png.suffix == ".png" and png.exists()
     saliency_store = png.parent
@@ -186,7 +196,8 @@ def test_infer_flow_on_dask_with_qc_artifact(trained, prefect_server):
 
     from flows.infer import run_infer
 
-    summary = run_infer(InferConfig(store=trained, name="infer-classification", split="validation"), n_workers=1)
+    summary = run_infer(InferConfig(store=trained, name="infer-classification", split="validation", explain="all"),
+                        n_workers=1)
     assert summary["predicted"] + summary["skipped"] >= 1
     if summary["predicted"]:
         with get_client(sync_client=True) as client:
@@ -219,7 +230,7 @@ def test_pipelined_inference_equals_one_volume_at_a_time(trained):
     store = trained
     device = torch.device("cpu")
     for name in ("infer-segmentation", "infer-classification"):
-        config = InferConfig(store=store, name=name, explain=False)
+        config = InferConfig(store=store, name=name, explain="none")
         info = infer.model_info(config)
         model, train, n = infer.load_model(config, info, device)
         todo, done = infer.plan(config, info)

@@ -288,6 +288,77 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
+def _nightly_config(args: argparse.Namespace):
+    from voxelflow.nightly import NightlyConfig
+
+    overrides = {k: v for k, v in (("store", args.store), ("sources", args.source)) if v}
+    return NightlyConfig.from_file(args.config, **overrides)
+
+
+def cmd_nightly(args: argparse.Namespace) -> int:
+    """One nightly run now: ingest -> labels -> preprocess -> train -> infer."""
+    config = _nightly_config(args)
+    api = _prefect_api()
+    from flows.nightly import run_nightly
+
+    summary = run_nightly(config, dask_address=args.dask_address, n_workers=args.workers, api_url=api.api_url)
+    for stage in summary["stages"]:
+        print(f"{stage['stage']:<24} {stage.get('detail', '')}")
+    return 0
+
+
+def deployments(config, cron: str, timezone: str) -> list:
+    """The deployments ``voxelflow serve`` runs: nightly on a cron schedule, ingest and
+    infer on demand (from the UI, ``prefect deployment run`` or an automation)."""
+    from prefect.schedules import Cron
+
+    from flows.infer import infer_flow
+    from flows.ingest import ingest_flow
+    from flows.nightly import nightly_flow
+
+    out = [
+        nightly_flow.to_deployment(name="voxelflow-nightly", schedules=[Cron(cron, timezone=timezone)],
+                                   parameters={"config": config.model_dump(mode="json")}, tags=["voxelflow"],
+                                   description="ingest -> labels -> preprocess -> train -> infer, every night"),
+        ingest_flow.to_deployment(name="voxelflow-ingest", tags=["voxelflow"],
+                                  parameters={"config": config.ingest_config().model_dump(mode="json")}),
+    ]
+    for spec in config.models:
+        if spec.task in ("segmentation", "classification"):
+            out.append(infer_flow.to_deployment(
+                name=f"voxelflow-infer-{spec.name}", tags=["voxelflow"],
+                parameters={"config": config.infer_config(spec).model_dump(mode="json")}))
+    return out
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the deployments on this machine until interrupted (Ctrl-C / SIGTERM): a local
+    Prefect server if none is configured, schedules, and a runner that executes the runs."""
+    import signal
+
+    from prefect import serve
+
+    from voxelflow import runtime
+
+    config = _nightly_config(args)
+    api = _prefect_api()
+    if args.dask_address:
+        os.environ["VOXELFLOW_DASK_ADDRESS"] = args.dask_address  # the runs' subprocesses inherit it
+    deps = deployments(config, args.cron, args.timezone)
+    print(f"serving {len(deps)} deployments ({', '.join(d.name for d in deps)}); nightly at {args.cron!r} "
+          f"{args.timezone}; UI {api.ui_url}/deployments", flush=True)
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        serve(*deps, print_starting_message=False, limit=args.limit)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if api.started_here and not args.keep_server:
+            runtime.stop_local_server()
+    print("stopped", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxelflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -309,6 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the run summary to this file")
     add_dask(p)
     p.set_defaults(func=cmd_ingest)
+
+    for name, helptext in (("nightly", "run the nightly pipeline once now"),
+                           ("serve", "serve the nightly (scheduled), ingest and infer deployments on this machine")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("--config", required=True, help="nightly configuration (JSON; see deployment/nightly.json)")
+        p.add_argument("--store", default=None, help="override the configuration's store")
+        p.add_argument("--source", action="append", help="override the configuration's sources (repeatable)")
+        add_dask(p)
+        if name == "serve":
+            p.add_argument("--cron", default=os.environ.get("VOXELFLOW_NIGHTLY_CRON", "0 2 * * *"),
+                           help="nightly schedule (default 02:00: '0 2 * * *')")
+            p.add_argument("--timezone", default=os.environ.get("VOXELFLOW_TIMEZONE", "UTC"),
+                           help="time zone of the schedule, e.g. Europe/Berlin (default: $VOXELFLOW_TIMEZONE or UTC)")
+            p.add_argument("--limit", type=int, default=None, help="most flow runs at once")
+            p.add_argument("--keep-server", action="store_true",
+                           help="leave a local Prefect server this command started running when it stops")
+        p.set_defaults(func=cmd_nightly if name == "nightly" else cmd_serve)
 
     p = sub.add_parser("export", help="write each stored volume as OUTDIR/<volume_id>.nii.gz")
     p.add_argument("store")

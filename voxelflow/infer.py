@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,7 +39,9 @@ class InferConfig(BaseModel):
     overlap: float = 0.25
     sw_batch_size: int = 2
     min_voxels: int = 10  # smaller connected components are not reported as lesions
-    explain: bool = True  # Grad-CAM maps (and QC images) for classifiers
+    # Grad-CAM maps (and QC images) for classifiers: of every volume, of the volumes predicted
+    # as the model's positive class (a finding to look at; every volume when it has none), or none
+    explain: Literal["all", "positive", "none"] = "positive"
 
 
 def model_info(config: InferConfig) -> dict[str, Any]:
@@ -126,8 +128,12 @@ def _explain(config: InferConfig, info: dict[str, Any], model, train, volume_id:
              device: torch.device) -> str | None:
     """Grad-CAM of a classified volume and its QC image (in the thread that runs the model:
     Grad-CAM hooks the model's layers)."""
-    if train.task != "classification" or not config.explain:
+    if train.task != "classification" or config.explain == "none":
         return None
+    if config.explain == "positive" and train.positive_class is not None:
+        classes = _classes(config, info)
+        if train.positive_class in classes and int(probs.argmax()) != classes.index(train.positive_class):
+            return None
     from voxelflow.explain import explain_stored
 
     _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",

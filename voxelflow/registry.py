@@ -31,13 +31,26 @@ def data_snapshot(store: str | os.PathLike, preprocessed: str | None = None) -> 
     store = Path(store)
     parts = {}
     for name in ("volumes", "labels", "classes", "splits"):
-        path = store / "catalog" / f"{name}.parquet"
-        parts[name] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+        parts[name] = _table_digest(store / "catalog" / f"{name}.parquet")
     if preprocessed:
-        path = store / "preprocessed" / preprocessed / "catalog" / "preprocessed.parquet"
-        parts["preprocessed"] = hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
+        parts["preprocessed"] = _table_digest(store / "preprocessed" / preprocessed / "catalog" / "preprocessed.parquet")
     catalog_digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     return {"catalog_digest": catalog_digest, "tables": parts, "preprocessed_version": preprocessed}
+
+
+VOLATILE_COLUMNS = ("ingested_at", "created_at")  # when, not what: a re-run that changes nothing keeps the digest
+
+
+def _table_digest(path: Path) -> str | None:
+    """Digest of a catalog table's content (rows in key order, timestamps left out)."""
+    if not path.exists():
+        return None
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    table = table.drop_columns([c for c in VOLATILE_COLUMNS if c in table.column_names])
+    rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in table.to_pylist())
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
 
 
 def code_version() -> dict[str, Any]:

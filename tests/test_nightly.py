@@ -1,0 +1,113 @@
+"""The nightly flow: every stage as a subflow, safe to re-run, a failed stage fails the run
+visibly and keeps what earlier stages wrote; deployments for `voxelflow serve`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from voxelflow import catalog, registry
+from voxelflow.nightly import ModelSpec, NightlyConfig
+
+TINY = {"patch_size": [16, 32, 32], "epochs": 2, "steps_per_epoch": 3, "val_steps": 2, "batch_size": 2,
+        "channels": [8, 16, 32]}
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    from voxelflow.synth import SynthConfig, build_synthetic_archive
+
+    root = tmp_path_factory.mktemp("nightly")
+    build_synthetic_archive(root / "archive", SynthConfig(patients=6, mr_patients=0, shape=(16, 48, 48)))
+    return root
+
+
+def _config(root, **kw) -> NightlyConfig:
+    import base64
+
+    key = root / "nightly.key"
+    key.write_bytes(base64.b64encode(bytes(range(32))))
+    a = root / "archive"
+    settings = dict(sources=[str(a / "images")], store=str(root / "store"), secret_file=str(key),
+                    segmentations=str(a / "labels" / "segmentations.csv"), classes=str(a / "labels" / "labels.csv"),
+                    split=(0.5, 0.25, 0.25), preprocess={"spacing": [3.0, 3.0, 4.0]},
+                    models=[ModelSpec(name="seg", task="segmentation", settings=TINY)])
+    return NightlyConfig(**(settings | kw))
+
+
+@pytest.mark.slow
+def test_nightly_runs_every_stage_and_reruns_safely(archive, prefect_server):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.nightly import run_nightly
+
+    config = _config(archive)
+    first = run_nightly(config, n_workers=2)
+    assert [s["stage"] for s in first["stages"]] == ["ingest", "labels", "preprocess", "train seg", "infer seg"]
+    assert registry.current(config.store, "seg")["version"] == first["models"]["seg"]["version"]
+    predicted = [r for r in catalog.read_table(config.store, "predictions").to_pylist() if r["model"] == "seg"]
+    labelled = {r["volume_id"] for r in catalog.read_table(config.store, "labels").to_pylist()}
+    assert {r["volume_id"] for r in predicted} == labelled  # every preprocessed volume predicted
+    splits = catalog.read_table(config.store, "splits").to_pylist()
+    # the same night again: nothing is lost or redone that need not be
+    second = run_nightly(config, n_workers=2)
+    detail = {s["stage"]: s["detail"] for s in second["stages"]}
+    assert "0 processed" in detail["preprocess"] and "0 predicted" in detail["infer seg"]
+    assert second["models"]["seg"]["version"] == first["models"]["seg"]["version"]
+    assert catalog.read_table(config.store, "splits").to_pylist() == splits
+    with get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nightly"])))
+        assert arts and "preprocess" in json.dumps(arts[0].data)
+        runs = client.read_flow_runs()
+    names = {client_run.name for client_run in runs}
+    assert names  # subflow runs are recorded under the nightly run
+    parents = [r for r in runs if r.parent_task_run_id is not None]
+    assert len(parents) >= 5 * 2  # five stage subflows per nightly run
+
+
+@pytest.mark.slow
+def test_a_failed_stage_fails_the_run_and_keeps_earlier_work(archive, prefect_server):
+    from flows.nightly import run_nightly
+
+    root = archive
+    config = _config(root, models=[ModelSpec(name="bad", task="classification",
+                                             settings=TINY | {"positive_class": "tumour", "positive_label": 2})])
+    config = config.model_copy(update={"store": str(root / "store-fail")})
+    with pytest.raises(ValueError, match="tumour"):
+        run_nightly(config, n_workers=1)
+    # ingest, labels and preprocessing stay: the next night starts from them
+    assert catalog.read_table(config.store, "volumes").num_rows == 6
+    assert catalog.read_table(config.store, "splits").num_rows == 6
+    pre = list((root / "store-fail" / "preprocessed").iterdir())
+    assert len(pre) == 1 and registry.current(config.store, "bad") is None
+
+
+def test_config_file_paths_are_relative_to_the_file(tmp_path):
+    (tmp_path / "conf").mkdir()
+    path = tmp_path / "conf" / "nightly.json"
+    path.write_text(json.dumps({"sources": ["../data", "s3://bucket/archive"], "store": "../store",
+                                "models": [{"name": "seg", "task": "segmentation", "settings": {"epochs": 3}}]}))
+    config = NightlyConfig.from_file(path)
+    assert config.sources == [str(tmp_path / "data"), "s3://bucket/archive"]
+    assert config.store == str(tmp_path / "store")
+    assert config.train_run(config.models[0], "v1").train.epochs == 3
+    assert NightlyConfig.from_file(path, store="/elsewhere").store == "/elsewhere"
+    from voxelflow.errors import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="missing.json"):
+        NightlyConfig.from_file(tmp_path / "missing.json")
+
+
+def test_serve_deployments_have_the_nightly_schedule(tmp_path):
+    from voxelflow.cli import deployments
+
+    config = NightlyConfig(sources=[str(tmp_path)], store=str(tmp_path / "store"),
+                           models=[ModelSpec(name="seg"), ModelSpec(name="ae", task="autoencoder")])
+    deps = {d.name: d for d in deployments(config, "0 2 * * *", "Europe/Berlin")}
+    assert set(deps) == {"voxelflow-nightly", "voxelflow-ingest", "voxelflow-infer-seg"}
+    schedule = deps["voxelflow-nightly"].schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+    assert NightlyConfig(**deps["voxelflow-nightly"].parameters["config"]) == config
+    assert not deps["voxelflow-ingest"].schedules
