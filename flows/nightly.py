@@ -50,9 +50,18 @@ def _cluster(address: str | None, n_workers: int | None):
         cluster.close()
 
 
+def _load(config: NightlyConfig | None, config_file: str | None) -> NightlyConfig:
+    if (config is None) == (config_file is None):
+        raise ValueError("pass either config or config_file")
+    return config if config is not None else NightlyConfig.from_file(config_file)
+
+
 @flow(name="nightly", description="ingest -> labels -> preprocess -> train (promote if better) -> infer")
-def nightly_flow(config: NightlyConfig, dask_address: str | None = None, n_workers: int | None = None) -> dict:
-    """Run every stage; a failed stage fails the run (what earlier stages wrote stays)."""
+def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = None,
+                 dask_address: str | None = None, n_workers: int | None = None) -> dict:
+    """Run every stage; a failed stage fails the run (what earlier stages wrote stays).
+    ``config_file``: a JSON configuration (deployments from ``deployment/prefect.yaml``)."""
+    config = _load(config, config_file)
     log = get_run_logger()
     stages: list[dict[str, Any]] = []
     gpu = bool(local_gpus()) if config.gpu is None else config.gpu
@@ -95,6 +104,26 @@ def nightly_flow(config: NightlyConfig, dask_address: str | None = None, n_worke
             "models": {k: {"version": v["version"], "promoted": v["promoted"]} for k, v in trained.items()}}
 
 
+@flow(name="ingest-from-config", description="The nightly configuration's ingest, on demand")
+def ingest_from_config(config_file: str, dask_address: str | None = None) -> dict:
+    config = NightlyConfig.from_file(config_file)
+    with _cluster(dask_address, None) as address:
+        return ingest_flow.with_options(task_runner=dask_task_runner(address))(config.ingest_config())
+
+
+@flow(name="infer-from-config", description="Bulk inference with every configured model's current version")
+def infer_from_config(config_file: str, dask_address: str | None = None) -> dict:
+    config = NightlyConfig.from_file(config_file)
+    gpu = bool(local_gpus()) if config.gpu is None else config.gpu
+    out = {}
+    with _cluster(dask_address, None) as address:
+        for spec in config.models:
+            if spec.task in ("segmentation", "classification"):
+                out[spec.name] = infer_flow.with_options(task_runner=dask_task_runner(address))(
+                    config.infer_config(spec), gpu=gpu)
+    return out
+
+
 def _brief(metrics: dict) -> str:
     keys = [k for k in ("dice", "dice_1", "f1", "accuracy", "psnr") if k in metrics]
     return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys)
@@ -106,5 +135,5 @@ def run_nightly(config: NightlyConfig, dask_address: str | None = None, n_worker
 
     if api_url:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
-            return nightly_flow(config, dask_address=dask_address, n_workers=n_workers)
-    return nightly_flow(config, dask_address=dask_address, n_workers=n_workers)
+            return nightly_flow(config=config, dask_address=dask_address, n_workers=n_workers)
+    return nightly_flow(config=config, dask_address=dask_address, n_workers=n_workers)

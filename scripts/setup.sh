@@ -14,3 +14,10 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
 fi
 .venv/bin/python -m pip install --quiet -e ".[test]"
 .venv/bin/python -m pip check
+# The UI test drives a real Chromium (Debian's package; Playwright's own browser download is not
+# used). Installed when missing and this is a root shell with apt (CI, a fresh container);
+# elsewhere install it yourself (`apt-get install chromium`) or the UI test is skipped, saying so.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "setup: could not install chromium; the Prefect UI test will be skipped" >&2
+fi

@@ -235,7 +235,7 @@ def test_pipelined_inference_equals_one_volume_at_a_time(trained):
         model, train, n = infer.load_model(config, info, device)
         todo, done = infer.plan(config, info)
         volumes = sorted(todo + done)[:3]
-        rows, lesions = infer.infer_volumes(config, info, model, train, n, volumes, device)
+        rows, lesions = infer.infer_volumes(config, info, model, train, n, volumes, device, pipeline=True)
         labels = {v: st.open_label(store, v, f"prediction-{name}")[...] for v in volumes} \
             if train.task == "segmentation" else {}
         for i, vid in enumerate(volumes):

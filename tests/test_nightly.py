@@ -111,3 +111,77 @@ def test_serve_deployments_have_the_nightly_schedule(tmp_path):
     assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
     assert NightlyConfig(**deps["voxelflow-nightly"].parameters["config"]) == config
     assert not deps["voxelflow-ingest"].schedules
+
+
+@pytest.mark.slow
+def test_prefect_yaml_deploys_to_work_pools_with_the_nightly_schedule(prefect_server, tmp_path):
+    """`prefect deploy --all --prefect-file deployment/prefect.yaml` against a real server: three
+    deployments on the CPU / GPU pools, the nightly one at 02:00 in the configured time zone."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from prefect.client.orchestration import get_client
+
+    repo = Path(__file__).resolve().parents[1]
+    prefect = [sys.executable, "-m", "prefect"]
+    env = os.environ | {"PREFECT_API_URL": prefect_server, "VOXELFLOW_REPO": str(repo),
+                        "VOXELFLOW_NIGHTLY_CONFIG": str(repo / "deployment" / "nightly.json"),
+                        "VOXELFLOW_TIMEZONE": "Europe/Berlin"}
+    for pool in ("voxelflow-cpu", "voxelflow-gpu"):
+        subprocess.run([*prefect, "work-pool", "create", pool, "--type", "process", "--overwrite"], env=env,
+                       check=True, capture_output=True, timeout=120)
+    proc = subprocess.run([*prefect, "--no-prompt", "deploy", "--all", "--prefect-file",
+                           str(repo / "deployment" / "prefect.yaml")], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with get_client(sync_client=True) as client:
+        deps = {d.name: d for d in client.read_deployments() if d.name.startswith("voxelflow-")}
+    assert {"voxelflow-nightly", "voxelflow-ingest", "voxelflow-infer"} <= set(deps)
+    nightly = deps["voxelflow-nightly"]
+    assert nightly.work_pool_name == "voxelflow-gpu" and deps["voxelflow-ingest"].work_pool_name == "voxelflow-cpu"
+    schedule = nightly.schedules[0].schedule
+    assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
+    assert nightly.parameters["config_file"] == env["VOXELFLOW_NIGHTLY_CONFIG"]
+    NightlyConfig.from_file(nightly.parameters["config_file"])  # the shipped example parses
+
+
+@pytest.mark.slow
+def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_server, tmp_path):
+    """`voxelflow serve` as a user starts it: the deployments appear with their schedule, a run
+    of the ingest deployment triggered from the API executes, and SIGINT stops it cleanly."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import run_deployment
+
+    config = _config(archive).model_copy(update={"store": str(tmp_path / "served-store"), "models": []})
+    path = tmp_path / "nightly.json"
+    path.write_text(config.model_dump_json())
+    env = os.environ | {"PREFECT_API_URL": prefect_server, "VOXELFLOW_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", "serve", "--config", str(path), "--workers", "1",
+                             "--timezone", "America/New_York"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        names: set = set()
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline and "voxelflow-ingest" not in names:
+                time.sleep(2)
+                names = {d.name for d in client.read_deployments()}
+            assert {"voxelflow-nightly", "voxelflow-ingest"} <= names
+            nightly = next(d for d in client.read_deployments() if d.name == "voxelflow-nightly")
+            assert nightly.schedules[0].schedule.timezone == "America/New_York"
+        run = run_deployment("ingest/voxelflow-ingest", timeout=300)
+        assert run.state.is_completed(), run.state
+        assert catalog.read_table(config.store, "volumes").num_rows == 6
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped" in out
