@@ -92,61 +92,90 @@ def _shots() -> Path:
     return out
 
 
-def _flow_run(name: str):
+def _flow_run(api_url: str, name: str):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    with get_client(sync_client=True) as client:
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
     assert runs, f"no {name} flow run recorded"
     return runs[0]
 
 
-def test_runs_tasks_and_artifacts_show_in_the_ui(ui):
-    from playwright.sync_api import expect, sync_playwright
+def _open_artifact(page, api_url: str, ui_url: str, key: str) -> None:
+    """Open an artifact as a user does: its key's page, then the link to its latest version."""
+    from playwright.sync_api import expect
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+    from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+        arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                     sort=ArtifactSort.CREATED_DESC)
+    assert arts, f"no artifact {key}"
+    page.goto(f"{ui_url}/artifacts/key/{key}")
+    link = page.get_by_role("link", name=str(arts[0].id)[:8])
+    expect(link).to_be_visible()
+    link.click()
+    page.wait_for_url(f"**/artifacts/artifact/{arts[0].id}")
+
+
+def test_runs_tasks_and_artifacts_show_in_the_ui(ui):
     api, _ = ui
     shots = _shots()
-    ingest = _flow_run("ingest")
+    check_ui(api.api_url, api.ui_url, shots)
+    assert len(list(shots.glob("*.png"))) >= 7
+
+
+def _shot(page, path: Path) -> None:
+    page.wait_for_timeout(800)  # let the page's fade-in finish
+    page.screenshot(path=str(path))
+
+
+def check_ui(api_url: str, ui_url: str, shots: Path) -> None:
+    from playwright.sync_api import expect, sync_playwright
+
+    ingest = _flow_run(api_url, "ingest")
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1400})
         page.set_default_timeout(60_000)
         # 1. the runs list: every stage's flow run
-        page.goto(f"{api.ui_url}/runs")
+        page.goto(f"{ui_url}/runs")
         for flow_name in ("ingest", "preprocess", "train", "infer"):
             expect(page.get_by_text(flow_name, exact=True).first).to_be_visible()
-        page.screenshot(path=str(shots / "runs.png"))
+        _shot(page, shots / "runs.png")
         # 2. the ingest run: its task runs (header scans, series conversions) ...
-        page.goto(f"{api.ui_url}/runs/flow-run/{ingest.id}")
+        page.goto(f"{ui_url}/runs/flow-run/{ingest.id}")
         expect(page.get_by_text(ingest.name).first).to_be_visible()
-        page.get_by_role("tab", name="Task Runs").click()
+        page.get_by_text("Task Runs", exact=True).click()
         expect(page.get_by_text("scan-headers", exact=False).first).to_be_visible()
         expect(page.get_by_text("convert-series", exact=False).first).to_be_visible()
-        page.screenshot(path=str(shots / "ingest-task-runs.png"))
+        _shot(page, shots / "ingest-task-runs.png")
         # ... and its artifacts: the summary, the reasons table, progress
-        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("Artifacts", exact=True).last.click()
         expect(page.get_by_text("ingest-not-converted").first).to_be_visible()
         expect(page.get_by_text("ingest-catalog").first).to_be_visible()
-        page.screenshot(path=str(shots / "ingest-artifacts.png"))
-        # 3. the reasons table, as a user opens it
-        page.goto(f"{api.ui_url}/artifacts/key/ingest-not-converted")
+        _shot(page, shots / "ingest-artifacts.png")
+        # 3. the reasons table, as a user opens it: the key's timeline, then its latest version
+        _open_artifact(page, api_url, ui_url, "ingest-not-converted")
         expect(page.get_by_text("not a DICOM or NIfTI file").first).to_be_visible()
-        page.screenshot(path=str(shots / "ingest-reasons.png"))
+        _shot(page, shots / "ingest-reasons.png")
         # 4. training: metrics per epoch and the curve image
-        page.goto(f"{api.ui_url}/artifacts/key/train-ui-segmentation-epochs")
+        _open_artifact(page, api_url, ui_url, "train-ui-segmentation-epochs")
         expect(page.get_by_text("train_loss").first).to_be_visible()
-        page.screenshot(path=str(shots / "train-epochs.png"))
-        page.goto(f"{api.ui_url}/artifacts/key/train-ui-segmentation-curve")
+        _shot(page, shots / "train-epochs.png")
+        _open_artifact(page, api_url, ui_url, "train-ui-segmentation-curve")
         curve = page.locator("img[src^='data:image/png']").first
         expect(curve).to_be_visible()
         assert curve.evaluate("img => img.naturalWidth") > 100  # the PNG decoded, not a broken image
-        page.screenshot(path=str(shots / "train-curve.png"))
+        _shot(page, shots / "train-curve.png")
         # 5. inference: Grad-CAM QC images of the classifier
-        page.goto(f"{api.ui_url}/artifacts/key/explain-ui-classification")
+        _open_artifact(page, api_url, ui_url, "explain-ui-classification")
         qc = page.locator("img[src^='data:image/png']").first
         expect(qc).to_be_visible()
         assert qc.evaluate("img => img.naturalWidth") > 50
-        page.screenshot(path=str(shots / "infer-qc.png"))
+        _shot(page, shots / "infer-qc.png")
         browser.close()
-    assert len(list(shots.glob("*.png"))) >= 7
