@@ -159,6 +159,7 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
 
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     config = _config(archive).model_copy(update={"store": str(tmp_path / "served-store"), "models": []})
     path = tmp_path / "nightly.json"
@@ -169,15 +170,19 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
                             stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        names: set = set()
+        found = None
         with get_client(sync_client=True) as client:
-            while time.monotonic() < deadline and "voxelflow-ingest" not in names:
+            while found is None:
+                assert proc.poll() is None, proc.stdout.read()[-3000:]  # serve must still be running
+                assert time.monotonic() < deadline, "voxelflow serve registered no deployments in 120 s"
                 time.sleep(2)
-                names = {d.name for d in client.read_deployments()}
-            assert {"voxelflow-nightly", "voxelflow-ingest"} <= names
-            nightly = next(d for d in client.read_deployments() if d.name == "voxelflow-nightly")
+                try:
+                    found = client.read_deployment_by_name("ingest/voxelflow-ingest")
+                    nightly = client.read_deployment_by_name("nightly/voxelflow-nightly")
+                except ObjectNotFound:
+                    found = None
             assert nightly.schedules[0].schedule.timezone == "America/New_York"
-        run = run_deployment("ingest/voxelflow-ingest", timeout=300)
+        run = run_deployment("ingest/voxelflow-ingest", timeout=240)
         assert run.state.is_completed(), run.state
         assert catalog.read_table(config.store, "volumes").num_rows == 6
     finally:
