@@ -41,7 +41,7 @@ def test_every_segmentation_lands_on_its_volume_exactly(labelled):
         if r["format"] != "nifti":
             continue
         want = np.transpose(np.asarray(nib.load(archive / "labels" / r["source"]).dataobj), (2, 1, 0))
-        np.testing.assert_array_equal(st.open_label(store, r["volume_id"], "segmentation")[...], want)
+        np.testing.assert_array_equal(st.open_label(store, r["volume_id"], r["name"])[...], want)
 
 
 def test_labels_are_ome_zarr_label_images(labelled):

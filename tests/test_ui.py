@@ -32,8 +32,9 @@ def ui(tmp_path_factory):
     root = tmp_path_factory.mktemp("ui")
     saved = {k: os.environ.get(k) for k in ("VOXELFLOW_HOME", "PREFECT_API_URL")}
     os.environ["VOXELFLOW_HOME"] = str(root / "home")
-    os.environ.pop("PREFECT_API_URL", None)
-    api = runtime.ensure_prefect_api()  # starts `prefect server start` on loopback, exports the URL
+    # always a server of our own, with its UI (the test harness's server serves only the API)
+    api = runtime.start_local_server()
+    os.environ["PREFECT_API_URL"] = api.api_url  # Dask workers spawned from here report to it
     try:
         yield api, _run_pipeline(root, api.api_url)
     finally:
