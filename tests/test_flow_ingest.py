@@ -152,13 +152,13 @@ def test_flow_on_an_existing_dask_cluster(tmp_path, planted_source, prefect_serv
     sched_file = tmp_path / "scheduler.json"
     env = {**os.environ, "PREFECT_API_URL": prefect_server}
     procs = [subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", sched_file, "--port", "0",
-                               "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)]
+                               "--host", "127.0.0.1", "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)]
     try:
         deadline = time.monotonic() + 60
         while not sched_file.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
         procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", sched_file, "--nworkers", "2",
-                                       "--nthreads", "1"], env=env, stderr=subprocess.DEVNULL))
+                                       "--nthreads", "1", "--host", "127.0.0.1"], env=env, stderr=subprocess.DEVNULL))
         with Client(scheduler_file=str(sched_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=90)
             address = client.scheduler.address
