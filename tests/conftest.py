@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -94,3 +95,31 @@ def labelled_store(tmp_path_factory):
     import_classes(store, archive / "labels" / "labels.csv", key)
     make_split(store, seed=0)
     return store
+
+
+@contextlib.contextmanager
+def dask_cli_cluster(folder: Path, prefect_api: str, *worker_args: list[str]):
+    """A Dask scheduler and worker processes started with the `dask` command line, as a user
+    starts them, on loopback. One worker command per ``worker_args`` entry (extra flags).
+    Yields ``(scheduler_file, [scheduler, worker, ...] processes)``; stops them afterwards."""
+    import sys
+    import time
+
+    dask_cli = Path(sys.executable).parent / "dask"
+    sched_file = folder / "scheduler.json"
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    procs = [subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", sched_file, "--port", "0",
+                               "--host", "127.0.0.1", "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)]
+    try:
+        deadline = time.monotonic() + 60
+        while not sched_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        for extra in worker_args:
+            procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", sched_file, "--nthreads", "1",
+                                           "--host", "127.0.0.1", *extra], env=env, stderr=subprocess.DEVNULL))
+        yield sched_file, procs
+    finally:
+        for proc in reversed(procs):
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=30)

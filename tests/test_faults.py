@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import dask_cli_cluster
 from voxelflow import catalog
 
 pytestmark = pytest.mark.slow
@@ -42,18 +41,8 @@ def test_a_killed_worker_loses_nothing(tmp_path, prefect_server):
         return IngestConfig(sources=[str(archive / "images")], store=str(store), secret_file=str(key), batch_size=16)
 
     run_local(config(tmp_path / "clean"))
-    dask_cli = Path(sys.executable).parent / "dask"
-    sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    procs = [subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", sched_file, "--port", "0",
-                               "--host", "127.0.0.1", "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        for _ in range(2):  # two separate worker processes, no nanny: a kill is a lost machine
-            procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", sched_file, "--no-nanny",
-                                           "--nthreads", "1", "--host", "127.0.0.1"], env=env, stderr=subprocess.DEVNULL))
+    # two separate worker processes, no nanny: a kill is a lost machine
+    with dask_cli_cluster(tmp_path, prefect_server, ["--no-nanny"], ["--no-nanny"]) as (sched_file, procs):
         with Client(scheduler_file=str(sched_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=90)
             address = client.scheduler.address
@@ -82,12 +71,7 @@ def test_a_killed_worker_loses_nothing(tmp_path, prefect_server):
                         break
                 time.sleep(0.05)
             thread.join(timeout=300)
-        assert killed, f"the run ended before a conversion reached the worker to kill: {sorted(seen)[:10]} {pid_of} {victim.pid}"
+        assert killed, f"the run ended before a conversion reached the worker to kill (running: {sorted(seen)[:10]})"
         assert "error" not in result, result.get("error")
         assert victim.wait(timeout=10) == -signal.SIGKILL
         assert _store_state(tmp_path / "store") == _store_state(tmp_path / "clean")
-    finally:
-        for proc in reversed(procs):
-            if proc.poll() is None:
-                proc.terminate()
-                proc.wait(timeout=30)

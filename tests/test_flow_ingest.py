@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from tests.conftest import NIBABEL_DATA, ingest_config
+from tests.conftest import NIBABEL_DATA, dask_cli_cluster, ingest_config
 from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
 
 PLANTED = {
@@ -141,35 +141,18 @@ def test_pseudonyms_are_stable_per_store_and_differ_between_stores(tmp_path, pla
 @pytest.mark.slow
 def test_flow_on_an_existing_dask_cluster(tmp_path, planted_source, prefect_server):
     """`--dask-address`: a scheduler and worker processes started from the command line."""
-    import subprocess
-    import sys
-
     from distributed import Client
 
     from flows.ingest import run_ingest
 
-    dask_cli = Path(sys.executable).parent / "dask"
-    sched_file = tmp_path / "scheduler.json"
-    env = {**os.environ, "PREFECT_API_URL": prefect_server}
-    procs = [subprocess.Popen([dask_cli, "scheduler", "--scheduler-file", sched_file, "--port", "0",
-                               "--host", "127.0.0.1", "--dashboard-address", ":0"], env=env, stderr=subprocess.DEVNULL)]
-    try:
-        deadline = time.monotonic() + 60
-        while not sched_file.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        procs.append(subprocess.Popen([dask_cli, "worker", "--scheduler-file", sched_file, "--nworkers", "2",
-                                       "--nthreads", "1", "--host", "127.0.0.1"], env=env, stderr=subprocess.DEVNULL))
+    with dask_cli_cluster(tmp_path, prefect_server, ["--nworkers", "2"]) as (sched_file, _):
         with Client(scheduler_file=str(sched_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=90)
             address = client.scheduler.address
             worker_pids = set(client.run(os.getpid).values())
         source, _ = planted_source
         summary = run_ingest(ingest_config([source], tmp_path / "store", batch_size=8), dask_address=address)
-        assert (summary["converted"], summary["volumes"]) == (19, 4)
-        _, logs, _, _ = _read_run(summary["flow_run_id"], "ingest done", "on worker pid")
-        pids = {int(m.group(1)) for log in logs if (m := re.search(r"on worker pid (\d+)", log.message))}
-        assert pids and pids <= worker_pids
-    finally:
-        for proc in reversed(procs):
-            proc.terminate()
-            proc.wait(timeout=30)
+    assert (summary["converted"], summary["volumes"]) == (19, 4)
+    _, logs, _, _ = _read_run(summary["flow_run_id"], "ingest done", "on worker pid")
+    pids = {int(m.group(1)) for log in logs if (m := re.search(r"on worker pid (\d+)", log.message))}
+    assert pids and pids <= worker_pids
