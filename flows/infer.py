@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import dask
 from prefect import flow, get_run_logger
@@ -40,7 +39,7 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
     qc = [r for r in rows if r["qc_image"]]
     if qc:
         create_markdown_artifact(key=f"explain-{config.name}".lower().replace("_", "-"),
-                                 markdown="\n\n".join(png_markdown(Path(r["qc_image"]),
+                                 markdown="\n\n".join(png_markdown(r["qc_image"],
                                                                       f"Grad-CAM {r['volume_id']}: {r['prediction']}")
                                                         for r in qc[:6]))
     return {"model": config.name, "version": info["version"], "predicted": len(rows), "skipped": len(done),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -50,6 +51,54 @@ def _cluster(address: str | None, n_workers: int | None):
         cluster.close()
 
 
+API_OUTAGE_S = 300.0  # how long a stage waits for an unreachable Prefect API to come back
+
+
+def _api_healthy(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url.rstrip('/')}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _stage(name: str, call, *args: Any, attempts: int = 3, **kwargs: Any):
+    """Run one stage subflow; if the Prefect API goes away meanwhile (a server restart), wait
+    for it to answer again and run the stage again (every stage is safe to re-run: what it
+    already wrote is kept and skipped). Prefect's own client retries a lost connection only
+    on clients that had already connected; a subflow starting while the server is down fails
+    at once. Reports clearly when the server does not come back."""
+    import os
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    from voxelflow.errors import ConfigurationError
+
+    log = get_run_logger()
+    for attempt in range(1, attempts + 1):
+        try:
+            return call(*args, **kwargs)
+        except httpx.TransportError as exc:
+            url = PREFECT_API_URL.value() or ""
+            wait = float(os.environ.get("VOXELFLOW_API_OUTAGE_S", API_OUTAGE_S))
+            log.warning("stage %s: the Prefect API at %s is unreachable (%s); waiting up to %.0f s for it",
+                        name, url, exc, wait)
+            deadline = time.monotonic() + wait
+            while attempt == attempts or not _api_healthy(url):
+                if time.monotonic() > deadline or attempt == attempts:
+                    raise ConfigurationError(
+                        f"stage {name}: the Prefect API at {url} stopped answering ({type(exc).__name__}: {exc}) "
+                        f"and did not come back within {wait:.0f} s (attempt {attempt} of {attempts}). The stages "
+                        f"before it completed and their output is kept; run the nightly pipeline again once "
+                        f"the server is up.") from exc
+                time.sleep(2)
+            log.warning("stage %s: the Prefect API answers again; running the stage again (attempt %d)",
+                        name, attempt + 1)
+    raise AssertionError("unreachable")
+
+
 def _load(config: NightlyConfig | None, config_file: str | None) -> NightlyConfig:
     if (config is None) == (config_file is None):
         raise ValueError("pass either config or config_file")
@@ -73,18 +122,19 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
     try:
         with _cluster(dask_address, n_workers) as address:
             runner = dask_task_runner(address)
-            ingest = ingest_flow.with_options(task_runner=runner)(config.ingest_config())
+            ingest = _stage("ingest", ingest_flow.with_options(task_runner=runner), config.ingest_config())
             record("ingest", ingest, detail=f"{ingest['volumes']} volumes, {ingest['files']} files "
                                            f"({ingest.get('failed', 0)} failed, {ingest.get('skipped', 0)} skipped)")
-            labels = labels_flow(config)
+            labels = _stage("labels", labels_flow, config)
             record("labels", labels, detail=f"{labels['segmentations']} segmentations, {labels['classes']} "
                                            f"classes, split {labels.get('split')}")
-            pre = preprocess_flow.with_options(task_runner=runner)(config.preprocess_config())
+            pre = _stage("preprocess", preprocess_flow.with_options(task_runner=runner), config.preprocess_config())
             record("preprocess", pre, detail=f"version {pre['version']}: {pre['processed']} processed, "
                                              f"{pre['unchanged']} unchanged, {pre['failed']} failed")
             trained = {}
             for spec in config.models:
-                out = train_flow.with_options(task_runner=runner)(config.train_run(spec, pre["version"]), gpu=gpu)
+                out = _stage(f"train {spec.name}", train_flow.with_options(task_runner=runner),
+                             config.train_run(spec, pre["version"]), gpu=gpu)
                 trained[spec.name] = out
                 record(f"train {spec.name}", out, detail=f"version {out['version']}, promoted {out['promoted']}, "
                                                          f"test {_brief(out['test'])}")
@@ -92,7 +142,8 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
                 for spec in config.models:
                     if spec.task not in ("segmentation", "classification"):
                         continue
-                    out = infer_flow.with_options(task_runner=runner)(config.infer_config(spec), gpu=gpu)
+                    out = _stage(f"infer {spec.name}", infer_flow.with_options(task_runner=runner),
+                                 config.infer_config(spec), gpu=gpu)
                     record(f"infer {spec.name}", out, detail=f"{out['predicted']} predicted, "
                                                              f"{out['skipped']} already done")
     except BaseException as exc:

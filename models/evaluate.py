@@ -131,9 +131,9 @@ def volume_probabilities(windows: np.ndarray, positive: int | None) -> np.ndarra
 
 
 @torch.no_grad()
-def classification_volumes(model, store_root: str, volume_ids: list[str], truths: list[int], num_classes: int,
-                           patch_size, device: torch.device, positive: int | None = None) -> dict[str, Any]:
-    """Metrics over whole volumes: each volume's probabilities from its sliding windows
+def volume_scores(model, store_root: str, volume_ids: list[str], patch_size, device: torch.device,
+                  positive: int | None = None) -> np.ndarray:
+    """Each volume's class probabilities ``(volumes, classes)`` from its sliding windows
     (:func:`volume_probabilities`), as inference computes them."""
     from voxelflow.store import open_volume
 
@@ -142,17 +142,61 @@ def classification_volumes(model, store_root: str, volume_ids: list[str], truths
         vol = open_volume(store_root, vid)
         image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None]
         probs.append(volume_probabilities(window_probabilities(model, image, patch_size, device), positive))
-    out = classification_metrics(torch.tensor(truths), torch.from_numpy(np.stack(probs)).float(), num_classes,
-                                 positive or 0)
+    return np.stack(probs)
+
+
+def classification_volumes(model, store_root: str, volume_ids: list[str], truths: list[int], num_classes: int,
+                           patch_size, device: torch.device, positive: int | None = None,
+                           threshold: float | None = None) -> dict[str, Any]:
+    """Metrics over whole volumes (see :func:`volume_scores`); ``threshold``: the operating
+    point on the positive class's probability (default: the most probable class)."""
+    probs = volume_scores(model, store_root, volume_ids, patch_size, device, positive)
+    out = classification_metrics(torch.tensor(truths), torch.from_numpy(probs).float(), num_classes,
+                                 positive or 0, threshold=threshold)
     out["volumes"] = out.pop("n")
+    out["_scores"] = probs
     return out
 
 
-def classification_metrics(y: torch.Tensor, p: torch.Tensor, num_classes: int, positive: int = 0) -> dict[str, Any]:
-    """Accuracy, precision / recall / F1 of class ``positive``, ROC-AUC, confusion matrix."""
+def decide(probs: np.ndarray | torch.Tensor, positive: int | None, threshold: float | None):
+    """Predicted class per row of ``probs``: the positive class when its probability reaches
+    ``threshold`` (binary detection with a tuned operating point), else the most probable."""
+    p = torch.as_tensor(probs)
+    pred = p.argmax(-1)
+    if positive is None or threshold is None:
+        return pred
+    return torch.where(p[..., positive] >= threshold, positive, 1 - positive)
+
+
+def operating_threshold(scores: np.ndarray, truths: np.ndarray) -> float | None:
+    """The positive-probability threshold that maximises F1 on validation volumes: the
+    midpoint between the scores it separates (the midpoint of the widest gap among ties).
+    None without both classes (the argmax rule stays)."""
+    scores, truths = np.asarray(scores, dtype=np.float64), np.asarray(truths, dtype=bool)
+    if truths.all() or not truths.any():
+        return None
+    values = np.unique(scores)
+    cuts = np.concatenate([[values[0] / 2], (values[:-1] + values[1:]) / 2, [(values[-1] + 1) / 2]])
+    best, best_key = None, None
+    for i, t in enumerate(cuts):
+        pred = scores >= t
+        tp, fp, fn = int((pred & truths).sum()), int((pred & ~truths).sum()), int((~pred & truths).sum())
+        f1 = 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+        lo = values[i - 1] if i > 0 else 0.0
+        hi = values[i] if i < len(values) else 1.0
+        key = (round(f1, 9), hi - lo)
+        if best_key is None or key > best_key:
+            best, best_key = float(t), key
+    return best
+
+
+def classification_metrics(y: torch.Tensor, p: torch.Tensor, num_classes: int, positive: int = 0,
+                           threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy, precision / recall / F1 of class ``positive``, ROC-AUC, confusion matrix;
+    predictions by :func:`decide` (``threshold`` applies to binary problems only)."""
     from monai.metrics import compute_roc_auc
 
-    pred = p.argmax(1)
+    pred = decide(p, positive if num_classes == 2 else None, threshold)
     confusion = [[int(((y == t) & (pred == q)).sum()) for q in range(num_classes)] for t in range(num_classes)]
     tp = confusion[positive][positive]
     fp = sum(confusion[t][positive] for t in range(num_classes)) - tp

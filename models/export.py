@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.networks import build
+from models.networks import from_config
 
 
 class ParityError(RuntimeError):
@@ -41,12 +41,12 @@ def export_model(folder: str | os.PathLike, formats=("torchscript", "onnx"), ato
     c = TrainConfig(**info["config"]["train"])
     weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
     if c.task == "gan":
-        model, _ = build("gan", channels=c.channels, patch_size=c.patch_size, latent_size=c.latent_size)
+        model, _ = from_config(c)
         model.load_state_dict(weights["generator"])
     else:
         state = weights["model"]
         out = int([v for k, v in state.items() if k.endswith("weight")][-1].shape[0])
-        model = build(c.task, out_channels=out, channels=c.channels, dropout=c.dropout)
+        model = from_config(c, out)
         model.load_state_dict(state)
     model.eval()
     x = _sample(c.task, c.patch_size, c.latent_size)

@@ -23,13 +23,17 @@ TASKS = ("segmentation", "classification", "autoencoder", "gan")
 
 def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dims: int = 3,
           channels: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.1,
-          patch_size: Sequence[int] = (32, 64, 64), latent_size: int = 64) -> nn.Module | tuple[nn.Module, nn.Module]:
+          patch_size: Sequence[int] = (32, 64, 64), latent_size: int = 64,
+          pooling: str = "avg") -> nn.Module | tuple[nn.Module, nn.Module]:
     """Build the network of ``task``.
 
     Args:
         out_channels: segmentation classes (background included) or classifier classes.
         channels: feature maps per resolution level (the model's size).
         patch_size: the input size (a GAN's generator produces this shape).
+        pooling: a classifier's global pooling, ``avg`` or ``max``. Max pooling suits detection
+            (is a small finding anywhere in the patch?): an average over the patch dilutes a
+            lesion of a hundred voxels among fifty thousand.
     """
     from monai.networks.nets import AutoEncoder, Generator, PatchDiscriminator, UNet, resnet10
 
@@ -42,8 +46,13 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
         # a quarter of ResNet-10's width: 0.9 M parameters, enough for CT volumes and fast on CPU;
         # a 3-voxel stem without stride or max-pool: the default 7-voxel stride-2 stem and pool
         # blur away lesions a few voxels across before the first residual block sees them.
-        return resnet10(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels,
-                        feed_forward=True, widen_factor=0.25, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
+        net = resnet10(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels,
+                       feed_forward=True, widen_factor=0.25, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
+        if pooling == "max":
+            net.avgpool = (nn.AdaptiveMaxPool3d if spatial_dims == 3 else nn.AdaptiveMaxPool2d)(1)
+        elif pooling != "avg":
+            raise ValueError(f"pooling must be 'avg' or 'max', not {pooling!r}")
+        return net
     if task == "autoencoder":
         return AutoEncoder(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
                            channels=channels[:-1], strides=strides, num_res_units=1, dropout=dropout)
@@ -60,6 +69,13 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
                                            num_layers_d=layers, norm="INSTANCE", dropout=dropout)
         return generator, discriminator
     raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def from_config(config, out_channels: int = 2) -> nn.Module | tuple[nn.Module, nn.Module]:
+    """The network a :class:`models.train.TrainConfig` describes."""
+    return build(config.task, out_channels=out_channels, channels=config.channels, dropout=config.dropout,
+                 patch_size=config.patch_size, latent_size=config.latent_size,
+                 pooling=getattr(config, "pooling", "avg"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -4,7 +4,6 @@ adds artifacts)."""
 
 from __future__ import annotations
 
-import shutil
 from collections import defaultdict
 from typing import Any
 
@@ -13,9 +12,9 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from models import evaluate
-from models.networks import build
+from models.networks import from_config
 from models.train import TrainConfig, fit
-from voxelflow import catalog, registry
+from voxelflow import catalog, location, registry
 from voxelflow.augment import AugmentConfig
 from voxelflow.data import make_loader, patch_dataset
 
@@ -52,6 +51,9 @@ def _datasets(run: TrainRun):
     label = _label_name(run)
     train = patch_dataset(run.store, c.patch_size, version=run.version, split="train", samples_per_epoch=n,
                           seed=c.seed, transform=transform, label_name=label, **kw)
+    if kw.get("focus") and not train._focus_entries:
+        raise ValueError(f"positive_label {c.positive_label}: no training volume has voxels of that label "
+                         f"(preprocessed copy {run.version})")
     val = patch_dataset(run.store, c.patch_size, version=run.version, split="validation",
                         samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=label, **kw)
     return train, val
@@ -65,16 +67,18 @@ def _label_name(run: TrainRun) -> str | None:
 
 def _classification_sampling(c: TrainConfig) -> dict:
     """Patch sampling for classifiers: volumes drawn class-balanced; with patch targets from
-    the segmentation, a third of the patches anywhere (inference sees every window, not only
-    those on an organ), else every patch on a labelled voxel."""
+    the segmentation, ``positive_share`` of the patches centred on the positive label and the
+    rest half on an organ, half anywhere (inference sees every window, not only those on an
+    organ); else every patch on a labelled voxel."""
     if c.task != "classification":
         return {}
     if c.positive_label is None:
         return dict(class_balanced=True, foreground_oversample=1.0)
     if c.positive_class is None:
         raise ValueError("positive_label needs positive_class (the class a patch holding that label has)")
-    return dict(class_balanced=True, foreground_oversample=2 / 3,
-                class_from_label=(c.positive_label, c.min_positive_voxels, c.positive_class))
+    return dict(class_balanced=True, foreground_oversample=1 / 2,
+                class_from_label=(c.positive_label, c.min_positive_voxels, c.positive_class),
+                focus=(c.positive_label, c.positive_share) if c.positive_share > 0 else None)
 
 
 def _class_counts(run: TrainRun, classes: list[str]) -> tuple[dict[int, int], int]:
@@ -106,17 +110,18 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
     validator = _volume_validator(run, num_classes, device, train.classes)
     result = fit(c, train, val, folder, num_classes=num_classes, class_counts=counts, device=device,
                  on_epoch=on_epoch, validator=validator)
-    shutil.copyfile(folder / "best.pt", folder / "weights.pt")
-    best = torch.load(folder / "weights.pt", map_location=device, weights_only=True)
-    test_metrics = _evaluate(run, best, num_classes, device, folder, train.classes)
+    location.write_bytes(folder / "weights.pt", location.read_bytes(folder / "best.pt"))
+    best = location.torch_load(folder / "weights.pt", map_location=device, weights_only=True)
+    threshold = _tune_threshold(run, best, num_classes, device, train.classes)
+    test_metrics = _evaluate(run, best, num_classes, device, folder, train.classes, threshold)
     history = result["history"]
-    best_row = next(h for h in history if h["epoch"] == result["best_epoch"])
+    best_row = next(h for h in history if h["epoch"] == result["best_epoch"]) | {"threshold": threshold}
     metrics = {"validation": best_row, "test": test_metrics, "history": history, "stopped": result["stopped"]}
-    registry.register(run.store, name, version, config=run.model_dump(exclude={"store"}) | {"classes": train.classes},
-                      snapshot=snapshot,
-                      metrics=metrics, monitor=MONITOR[c.task])
+    config = run.model_dump(exclude={"store"}) | {"classes": train.classes, "threshold": threshold}
+    registry.register(run.store, name, version, config=config, snapshot=snapshot, metrics=metrics,
+                      monitor=_monitor(c))
     promoted = registry.promote_if_better(run.store, name, version)
-    _curve(history, folder / "curve.png", f"validation {MONITOR[c.task] if c.task != 'gan' else '-stat distance'}")
+    _curve(history, folder / "curve.png", f"validation {_monitor(c) if c.task != 'gan' else '-stat distance'}")
     return {"name": name, "version": version, "folder": str(folder), "promoted": promoted, "device": str(device),
             "best_epoch": result["best_epoch"], "validation": best_row, "test": test_metrics,
             "epochs": len(history), "stopped": result["stopped"]}
@@ -160,7 +165,16 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, cla
         def validate_classes(models: dict) -> dict[str, float]:
             out = evaluate.classification_volumes(models["model"], root, ids, truths, num_classes, c.patch_size,
                                                   device, positive)
-            return {"accuracy": out["accuracy"], "f1": out["f1"], "roc_auc": out["roc_auc"], "monitor": out["f1"]}
+            # detection: the ranking (ROC-AUC) picks the checkpoint; its operating threshold is
+            # tuned on these volumes afterwards (see _tune_threshold)
+            # (ties broken by the gap between the lowest positive and the highest negative score)
+            auc = 0.0 if np.isnan(out["roc_auc"]) else out["roc_auc"]
+            if positive is None:
+                return {"accuracy": out["accuracy"], "f1": out["f1"], "roc_auc": out["roc_auc"], "monitor": out["f1"]}
+            scores, truth = out["_scores"][:, positive], np.asarray(truths) == positive
+            margin = float(scores[truth].min() - scores[~truth].max()) if truth.any() and (~truth).any() else 0.0
+            return {"accuracy": out["accuracy"], "f1": out["f1"], "roc_auc": out["roc_auc"], "margin": margin,
+                    "monitor": auc + 0.01 * margin}
 
         return validate_classes
     if c.task != "segmentation":
@@ -178,16 +192,41 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, cla
     return validate
 
 
+def _monitor(c: TrainConfig) -> str:
+    return "roc_auc" if c.task == "classification" and c.positive_class is not None else MONITOR[c.task]
+
+
+def _tune_threshold(run: TrainRun, weights: dict, num_classes: int, device: torch.device,
+                    classes: list[str]) -> float | None:
+    """Binary detection (``positive_class``): the operating threshold on the volume's positive
+    probability that maximises F1 on the validation volumes. A volume's probability is the
+    largest of its windows', so the patch-level 0.5 is not a volume-level operating point.
+    None for other tasks or without both classes in validation."""
+    c = run.train
+    positive = _positive(c, classes) if c.task == "classification" else None
+    if positive is None:
+        return None
+    ids, truths = _volume_classes(run, _split_volumes(run, "validation"), classes)
+    if not ids:
+        return None
+    model = from_config(c, num_classes)
+    model.load_state_dict(weights["model"])
+    model.to(device)
+    scores = evaluate.volume_scores(model, f"{run.store}/preprocessed/{run.version}", ids, c.patch_size, device,
+                                    positive)
+    return evaluate.operating_threshold(scores[:, positive], np.asarray(truths) == positive)
+
+
 def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.device, folder,
-              classes: list[str]) -> dict[str, Any]:
+              classes: list[str], threshold: float | None = None) -> dict[str, Any]:
     c = run.train
     root = f"{run.store}/preprocessed/{run.version}"
     if c.task == "gan":
-        g, _ = build("gan", channels=c.channels, patch_size=c.patch_size, latent_size=c.latent_size)
+        g, _ = from_config(c)
         g.load_state_dict(weights["generator"])
         g.to(device)
     else:
-        model = build(c.task, out_channels=num_classes, channels=c.channels, dropout=c.dropout)
+        model = from_config(c, num_classes)
         model.load_state_dict(weights["model"])
         model.to(device)
     if c.task == "segmentation":
@@ -202,15 +241,18 @@ def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.devi
         positive = _positive(c, classes)
         patches = evaluate.classification(model, batches, num_classes, device, positive or 0)
         ids, truths = _volume_classes(run, _split_volumes(run, "test"), classes)
-        out = evaluate.classification_volumes(model, root, ids, truths, num_classes, c.patch_size, device, positive) \
-            if ids else {}
+        out = evaluate.classification_volumes(model, root, ids, truths, num_classes, c.patch_size, device, positive,
+                                              threshold) if ids else {}
+        out.pop("_scores", None)
+        if threshold is not None:
+            out["threshold"] = threshold
         return out | {f"patch_{k}": v for k, v in patches.items() if k in ("accuracy", "f1", "roc_auc", "samples")}
     if c.task == "autoencoder":
         return evaluate.autoencoder(model, batches, device)
     out = evaluate.gan(g, batches, c.latent_size, device, seed=c.seed)
     from PIL import Image
 
-    Image.fromarray(evaluate.sample_grid(out.pop("_fake"))).save(folder / "samples.png")
+    location.save_png(Image.fromarray(evaluate.sample_grid(out.pop("_fake"))), folder / "samples.png")
     return out
 
 
@@ -237,4 +279,4 @@ def _curve(history: list[dict], path, monitor_label: str) -> None:
         draw.text((w - pad - 230, h - pad - (40 if key == "train_loss" else 22)),
                   f"{name} ({lo:.3g} .. {hi:.3g})", fill=colour)
     draw.text((w // 2 - 20, h - pad + 10), f"epoch {epochs[0]}..{epochs[-1]}", fill="black")
-    img.save(path)
+    location.save_png(img, path)

@@ -26,10 +26,11 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from models.networks import autocast, build
+from models.networks import autocast, from_config
+from voxelflow import location
 
 
 class TrainConfig(BaseModel):
@@ -65,6 +66,12 @@ class TrainConfig(BaseModel):
     positive_class: str | None = None
     positive_label: int | None = None
     min_positive_voxels: int = 8
+    # with ``positive_label``: the share of training patches centred on a voxel of that label
+    # (the rest: class-balanced volumes, half of them on an organ); lesions are a sliver of the
+    # volume, and a classifier that sees them in 1 patch in 6 learns the prior, not the lesion
+    positive_share: float = Field(0.5, ge=0.0, le=1.0)
+    # a classifier's global pooling: "max" for detection (a small finding anywhere in the patch)
+    pooling: Literal["avg", "max"] = "avg"
 
 
 def _seed_everything(seed: int) -> None:
@@ -98,13 +105,12 @@ class _Task:
         self.num_classes = num_classes
         kind = config.task
         if kind == "gan":
-            g, d = build("gan", channels=config.channels, patch_size=config.patch_size,
-                         latent_size=config.latent_size, dropout=config.dropout)
+            g, d = from_config(config)
             self.models = {"generator": g.to(device), "discriminator": d.to(device)}
             self.optimizers = {k: torch.optim.Adam(m.parameters(), lr=config.lr, betas=(0.5, 0.999))
                                for k, m in self.models.items()}
         else:
-            model = build(kind, out_channels=num_classes, channels=config.channels, dropout=config.dropout)
+            model = from_config(config, num_classes)
             self.models = {"model": model.to(device)}
             self.optimizers = {"model": torch.optim.AdamW(model.parameters(), lr=config.lr,
                                                           weight_decay=config.weight_decay)}
@@ -248,9 +254,7 @@ class _Task:
 
 
 def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    location.torch_save(obj, path)
 
 
 def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *, num_classes: int = 2,
@@ -269,8 +273,8 @@ def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *
     """
     from voxelflow.data import make_loader
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = location.path(out_dir)
+    location.makedirs(out)
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _seed_everything(config.seed)
     mode = weighting(config)
@@ -280,7 +284,7 @@ def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *
     state = {"epoch": 0, "history": [], "best": -math.inf, "best_epoch": 0, "bad_epochs": 0}
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():
-        saved = torch.load(ckpt, map_location=device, weights_only=False)
+        saved = location.torch_load(ckpt, map_location=device, weights_only=False)
         task.load(saved["task"])
         torch.set_rng_state(saved["rng"]["torch"])
         if device.type == "cuda" and saved["rng"].get("cuda") is not None:

@@ -4,7 +4,6 @@ progress and the metrics table, curve and sample images as Prefect artifacts."""
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 from prefect import get_run_logger, task
@@ -17,6 +16,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from models.run import TrainRun, train_model
+from voxelflow import location
 from tasks.artifacts import png_markdown
 from tasks.retry import RETRY
 
@@ -40,7 +40,7 @@ def train(run: TrainRun) -> dict:
     summary = train_model(run, on_epoch=on_epoch)
     update_progress_artifact(progress, 100.0)
     key = f"train-{summary['name']}".lower().replace("_", "-")
-    history = __import__("json").loads((Path(summary["folder"]) / "model.json").read_text())["metrics"]["history"]
+    history = __import__("json").loads((location.path(summary["folder"]) / "model.json").read_text())["metrics"]["history"]
     create_table_artifact(key=f"{key}-epochs", table=[{k: (round(v, 4) if isinstance(v, float) else v)
                                                         for k, v in r.items()} for r in history],
                           description=f"{summary['name']} {summary['version']}: metrics per epoch")
@@ -48,7 +48,7 @@ def train(run: TrainRun) -> dict:
     create_table_artifact(key=f"{key}-test", table=[{"metric": k, "value": v} for k, v in test.items()],
                           description=f"{summary['name']} {summary['version']}: test split "
                                       f"(promoted: {summary['promoted']})")
-    folder = Path(summary["folder"])
+    folder = location.path(summary["folder"])
     create_markdown_artifact(key=f"{key}-curve", markdown=png_markdown(folder / "curve.png", "Training curve"))
     if (folder / "samples.png").exists():
         create_markdown_artifact(key=f"{key}-samples", markdown=png_markdown(folder / "samples.png", "Samples"))

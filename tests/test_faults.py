@@ -1,5 +1,6 @@
 """Faults: a Dask worker killed in the middle of an ingest run loses nothing — its tasks run on
-the other worker and the store equals a clean run's."""
+the other worker and the store equals a clean run's; a Prefect server restart in the middle of
+a nightly run is survived."""
 
 from __future__ import annotations
 
@@ -75,3 +76,62 @@ def test_a_killed_worker_loses_nothing(tmp_path, prefect_server):
         assert "error" not in result, result.get("error")
         assert victim.wait(timeout=10) == -signal.SIGKILL
         assert _store_state(tmp_path / "store") == _store_state(tmp_path / "clean")
+
+
+def test_a_prefect_server_restart_during_a_run_is_survived(tmp_path):
+    """The local Prefect server is stopped in the middle of a nightly run and started again on
+    the same port (same database): the run goes on (Prefect's client retries while the server
+    is away), exits 0, and the server records the run and every stage as completed."""
+    import base64
+    import json
+    import subprocess
+    import sys
+    from urllib.parse import urlparse
+
+    import httpx
+
+    from voxelflow import runtime
+    from voxelflow.synth import SynthConfig, build_synthetic_archive
+
+    home = tmp_path / "home"
+    api = runtime.start_local_server(home, timeout=120)
+    port = urlparse(api.api_url).port
+    try:
+        archive = build_synthetic_archive(tmp_path / "archive", SynthConfig(patients=6, mr_patients=0,
+                                                                             shape=(16, 48, 48)))
+        key = tmp_path / "k.key"
+        key.write_bytes(base64.b64encode(bytes(range(32))))
+        config = tmp_path / "nightly.json"
+        config.write_text(json.dumps({
+            "sources": [str(archive / "images")], "store": str(tmp_path / "store"), "secret_file": str(key),
+            "segmentations": str(archive / "labels" / "segmentations.csv"),
+            "classes": str(archive / "labels" / "labels.csv"), "split": [0.5, 0.25, 0.25],
+            "preprocess": {"spacing": [3.0, 3.0, 4.0]},
+            "models": [{"name": "seg", "task": "segmentation", "settings": {
+                "patch_size": [16, 32, 32], "epochs": 4, "steps_per_epoch": 4, "val_steps": 2, "batch_size": 2,
+                "channels": [8, 16, 32]}}]}))
+        env = {**os.environ, "PREFECT_API_URL": api.api_url, "VOXELFLOW_HOME": str(home)}
+        log = open(tmp_path / "nightly.log", "wb")
+        proc = subprocess.Popen([Path(sys.executable).parent / "voxelflow", "nightly", "--config", str(config),
+                                 "--workers", "2"], env=env, stdout=log, stderr=subprocess.STDOUT)
+
+        def runs() -> list[dict]:
+            return httpx.post(f"{api.api_url}/flow_runs/filter", json={}, timeout=10).json()
+
+        deadline = time.monotonic() + 300
+        while not any(r["state_type"] == "COMPLETED" for r in runs()):  # the ingest stage is done
+            assert proc.poll() is None, (tmp_path / "nightly.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "the nightly run did not get going"
+            time.sleep(0.5)
+        assert runtime.stop_local_server(home)
+        with pytest.raises(httpx.TransportError):
+            httpx.get(f"{api.api_url}/health", timeout=2)
+        time.sleep(15)  # the run goes on without a server (longer than a stage start takes)
+        runtime.start_local_server(home, port=port, timeout=120)
+        assert proc.wait(timeout=400) == 0, (tmp_path / "nightly.log").read_text()[-3000:]
+        flows = {f["id"]: f["name"] for f in httpx.post(f"{api.api_url}/flows/filter", json={}, timeout=10).json()}
+        completed = {flows[r["flow_id"]] for r in runs() if r["state_type"] == "COMPLETED"}
+        assert completed == {"nightly", "ingest", "labels", "preprocess", "train", "infer"}
+        assert sum(flows[r["flow_id"]] == "nightly" for r in runs()) == 1
+    finally:
+        runtime.stop_local_server(home)

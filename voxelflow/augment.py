@@ -23,7 +23,7 @@ import pyarrow as pa
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from voxelflow import catalog
+from voxelflow import catalog, location
 from voxelflow.store import open_label, open_volume, write_label, write_volume
 
 AUGMENT_VERSION = 1
@@ -168,13 +168,13 @@ class OnTheFly:
 
 
 def output_root(config: OfflineConfig) -> Path:
-    return Path(config.store) / "preprocessed" / config.version / "augmented" / \
+    return location.path(config.store) / "preprocessed" / config.version / "augmented" / \
         hashlib.sha256(f"{config.augment.version()}|{config.seed}".encode()).hexdigest()[:12]
 
 
 def augment_volume(config: OfflineConfig, volume_id: str, copy: int) -> dict[str, Any]:
     """Make one augmented copy of a preprocessed volume (and its label); returns its row."""
-    src_root = Path(config.store) / "preprocessed" / config.version
+    src_root = location.path(config.store) / "preprocessed" / config.version
     tag = int(hashlib.sha256(volume_id.encode()).hexdigest()[:8], 16)
     params = sample_params(config.augment, np.random.default_rng([config.seed, tag, copy]))
     vol = open_volume(src_root, volume_id)
@@ -199,7 +199,7 @@ def replay(config: OfflineConfig, augmented_id: str) -> tuple[np.ndarray, np.nda
     """Recompute an augmented copy from its source and its stored parameters."""
     row = next(r for r in catalog.read_table(output_root(config), "augmented", AUGMENTED_SCHEMA).to_pylist()
                if r["augmented_id"] == augmented_id)
-    src_root = Path(config.store) / "preprocessed" / config.version
+    src_root = location.path(config.store) / "preprocessed" / config.version
     vol = open_volume(src_root, row["source_volume"])
     image = torch.from_numpy(np.ascontiguousarray(vol.array[...]))[None]
     label = None
@@ -211,7 +211,7 @@ def replay(config: OfflineConfig, augmented_id: str) -> tuple[np.ndarray, np.nda
 
 def plan(config: OfflineConfig) -> tuple[list[tuple[str, int]], int]:
     """The (volume, copy) pairs still to make, and how many exist already."""
-    src_root = Path(config.store) / "preprocessed" / config.version
+    src_root = location.path(config.store) / "preprocessed" / config.version
     volumes = [r["volume_id"] for r in catalog.read_table(src_root, "preprocessed").to_pylist() if r["status"] == "done"]
     if config.split:
         splits = {r["volume_id"]: r["split"] for r in catalog.read_table(config.store, "splits").to_pylist()}

@@ -14,12 +14,12 @@ rows with the same key (``volume_id``; ``source`` + ``path``); other rows are ke
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from voxelflow import location
 
 VOLUME_SCHEMA = pa.schema([
     ("volume_id", pa.string()),
@@ -88,7 +88,7 @@ STATUSES = ("converted", "skipped", "failed")
 
 
 def catalog_dir(store: str | os.PathLike) -> Path:
-    return Path(store) / "catalog"
+    return location.path(store) / "catalog"
 
 
 def read_table(store: str | os.PathLike, name: str, schema: pa.Schema | None = None) -> pa.Table:
@@ -98,7 +98,7 @@ def read_table(store: str | os.PathLike, name: str, schema: pa.Schema | None = N
     path = catalog_dir(store) / f"{name}.parquet"
     if not path.exists():
         return schema.empty_table()
-    return pq.read_table(path)
+    return location.read_parquet(path)
 
 
 def write_table(store: str | os.PathLike, name: str, table: pa.Table) -> None:
@@ -115,10 +115,7 @@ def upsert(store: str | os.PathLike, name: str, rows: list[dict[str, Any]], sche
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.partial")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
+    location.write_parquet(table, path)
 
 
 def merge(old: pa.Table, new_rows: list[dict[str, Any]], schema: pa.Schema,

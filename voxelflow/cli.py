@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from voxelflow import location
 from voxelflow.errors import ConfigurationError, SourceError, StoreError
 
 
@@ -39,7 +40,7 @@ def _prefect_api():
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    missing = [s for s in args.sources if not Path(s).exists()]
+    missing = [s for s in args.sources if not location.is_url(s) and not Path(s).exists()]
     if missing:
         raise SourceError(f"source(s) not found: {', '.join(missing)}")
     from voxelflow.ingest import IngestConfig, prepare_store

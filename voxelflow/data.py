@@ -61,13 +61,17 @@ class ZarrPatchDataset(Dataset):
             comes from its (transformed) label patch, not the volume: the positive class when
             the patch's centre holds at least that many voxels of that value, -1 (ignored by the
             loss) when it shows only near the border, else the other class (binary only).
+        focus: ``(label value, share)``: that share of the patches is centred on a voxel of that
+            value (in a volume that has it; none has: no effect), drawn before any other rule; for rare findings
+            such as lesions, which volume-balanced sampling shows too seldom to learn.
     """
 
     def __init__(self, store: Any, entries: list[VolumeEntry], patch_size: tuple[int, int, int], *,
                  samples_per_epoch: int = 256, label_name: str | None = "segmentation",
                  foreground_oversample: float = 1 / 3, class_balanced: bool = False,
                  classes: list[str] | None = None, seed: int = 0, transform=None,
-                 class_from_label: tuple[int, int, str] | None = None):
+                 class_from_label: tuple[int, int, str] | None = None,
+                 focus: tuple[int, float] | None = None):
         if not entries:
             raise ValueError("ZarrPatchDataset needs at least one volume")
         self.store = store
@@ -82,6 +86,8 @@ class ZarrPatchDataset(Dataset):
         self.epoch = 0
         self.transform = transform
         self.class_from_label = class_from_label
+        self.focus = focus
+        self._focus_entries = [i for i, e in enumerate(entries) if focus and len(e.locations.get(int(focus[0]), ()))]
         if class_from_label is not None:
             if not label_name:
                 raise ValueError("class_from_label needs label patches (label_name)")
@@ -123,6 +129,11 @@ class ZarrPatchDataset(Dataset):
     def sample(self, index: int) -> tuple[int, tuple[int, int, int], bool]:
         """``(entry index, patch origin (z, y, x), foreground?)`` of sample ``index``."""
         rng = np.random.default_rng([self.seed, self.epoch, index])
+        size = np.array(self.patch_size)
+        if self._focus_entries and rng.random() < self.focus[1]:
+            k = self._focus_entries[int(rng.integers(len(self._focus_entries)))]
+            locs = self.entries[k].locations[int(self.focus[0])]
+            return k, self._origin(locs[int(rng.integers(len(locs)))] - size // 2, k), True
         if self.class_balanced:
             cls = self.classes[int(rng.integers(len(self.classes)))]
             members = self._by_class[cls] or list(range(len(self.entries)))
@@ -130,7 +141,6 @@ class ZarrPatchDataset(Dataset):
         else:
             k = int(rng.integers(len(self.entries)))
         entry = self.entries[k]
-        size = np.array(self.patch_size)
         shape = np.array(entry.shape)
         foreground = bool(entry.locations) and rng.random() < self.foreground_oversample
         if foreground:
@@ -141,9 +151,13 @@ class ZarrPatchDataset(Dataset):
         else:
             high = np.maximum(shape - size, 0)
             origin = np.array([int(rng.integers(h + 1)) for h in high])
-        # Keep the patch inside the volume where it fits; smaller volumes are padded.
+        return k, self._origin(origin, k), foreground
+
+    def _origin(self, origin: np.ndarray, k: int) -> tuple[int, int, int]:
+        """Keep the patch inside the volume where it fits; smaller volumes are padded."""
+        shape, size = np.array(self.entries[k].shape), np.array(self.patch_size)
         origin = np.clip(origin, np.minimum(0, shape - size), np.maximum(shape - size, 0))
-        return k, tuple(int(v) for v in origin), foreground
+        return tuple(int(v) for v in origin)
 
     def _read(self, array: zarr.Array, origin, fill: float) -> np.ndarray:
         lo = np.maximum(origin, 0)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from voxelflow import location
 from voxelflow.store import open_volume, write_volume
 
 
@@ -36,7 +37,7 @@ def gradcam_volume(model, image: torch.Tensor, patch_size, class_index: int, tar
 def store_saliency(root: str | Path, tag: str, volume_id: str, saliency: np.ndarray, affine: np.ndarray) -> Path:
     """Write a saliency map as ``<root>/saliency/<tag>/volumes/<volume_id>`` (same grid as the
     preprocessed volume ``root`` holds)."""
-    out = Path(root) / "saliency" / tag
+    out = location.path(root) / "saliency" / tag
     write_volume(out, volume_id, saliency.astype(np.float32), affine, attributes={"kind": "gradcam"})
     return out
 
@@ -53,14 +54,14 @@ def qc_image(image_zyx: np.ndarray, saliency_zyx: np.ndarray, path: str | Path) 
     rgb[..., 0] = np.clip(grey * 0.6 + saliency_zyx[k] * 0.8, 0, 1)
     pil = Image.fromarray((rgb * 255).astype(np.uint8))
     pil = pil.resize((pil.width * 3, pil.height * 3), Image.NEAREST)
-    pil.save(path)
-    return Path(path)
+    location.save_png(pil, path)
+    return location.path(path)
 
 
 def explain_stored(store: str, pre_version: str, tag: str, model, patch_size, volume_id: str, class_index: int,
                    device: torch.device) -> tuple[Path, Path]:
     """Grad-CAM of one preprocessed volume, stored; returns (saliency store, QC image)."""
-    root = Path(store) / "preprocessed" / pre_version
+    root = location.path(store) / "preprocessed" / pre_version
     vol = open_volume(root, volume_id)
     data = np.ascontiguousarray(vol.array[...], dtype=np.float32)
     sal = gradcam_volume(model, torch.from_numpy(data)[None, None].to(device), patch_size, class_index)

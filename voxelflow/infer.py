@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
-from voxelflow import catalog, registry
+from voxelflow import catalog, location, registry
 from voxelflow.geometry import voxel_sizes
 from voxelflow.labels import map_to_grid
 from voxelflow.store import open_volume, write_label
@@ -52,14 +52,14 @@ def model_info(config: InferConfig) -> dict[str, Any]:
 
 
 def load_model(config: InferConfig, info: dict[str, Any], device: torch.device):
-    from models.networks import build
+    from models.networks import from_config
     from models.train import TrainConfig
 
     train = TrainConfig(**info["config"]["train"])
-    weights = torch.load(registry.version_dir(config.store, config.name, info["version"]) / "weights.pt",
-                         map_location=device, weights_only=True)
+    weights = location.torch_load(registry.version_dir(config.store, config.name, info["version"]) / "weights.pt",
+                                  map_location=device, weights_only=True)
     out = _num_classes(weights["model"])
-    model = build(train.task, out_channels=out, channels=train.channels, dropout=train.dropout)
+    model = from_config(train, out)
     model.load_state_dict(weights["model"])
     return model.to(device).eval(), train, out
 
@@ -130,15 +130,27 @@ def _explain(config: InferConfig, info: dict[str, Any], model, train, volume_id:
     Grad-CAM hooks the model's layers)."""
     if train.task != "classification" or config.explain == "none":
         return None
+    predicted = _decision(config, info, train, probs)
     if config.explain == "positive" and train.positive_class is not None:
         classes = _classes(config, info)
-        if train.positive_class in classes and int(probs.argmax()) != classes.index(train.positive_class):
+        if train.positive_class in classes and predicted != classes.index(train.positive_class):
             return None
     from voxelflow.explain import explain_stored
 
     _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",
-                            model, train.patch_size, volume_id, int(probs.argmax()), device)
+                            model, train.patch_size, volume_id, predicted, device)
     return str(png)
+
+
+def _decision(config: InferConfig, info: dict[str, Any], train, probs: np.ndarray) -> int:
+    """The predicted class index: with a detection model's operating threshold (tuned on
+    validation, recorded in the registry) the positive class when its probability reaches it,
+    else the most probable class."""
+    from models.evaluate import decide
+
+    classes = _classes(config, info)
+    positive = classes.index(train.positive_class) if train.positive_class in classes and len(probs) == 2 else None
+    return int(decide(probs[None], positive, info["config"].get("threshold"))[0])
 
 
 def _finish(config: InferConfig, info: dict[str, Any], train, num_classes: int, volume_id: str, pre,
@@ -167,8 +179,9 @@ def _finish(config: InferConfig, info: dict[str, Any], train, num_classes: int, 
         lesions = _components(pred, probs, pre.affine, volume_id, config.name, info["version"], config.min_voxels)
     else:
         classes = _classes(config, info)
+        k = _decision(config, info, train, probs)
         row |= {"classes": classes[: len(probs)], "probabilities": [float(v) for v in probs],
-                "prediction": classes[int(probs.argmax())] if classes else str(int(probs.argmax())),
+                "prediction": classes[k] if classes else str(k),
                 "qc_image": qc_image}
     return row, lesions
 

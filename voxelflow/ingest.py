@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
-from voxelflow import catalog
+from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code
@@ -59,7 +59,7 @@ def prepare_store(store: str, secret_file: str | None = None) -> str:
     if secret_file:
         load_key(sid, secret_file)
     elif not key_path(sid).exists():
-        if (Path(store) / "catalog" / "files.parquet").exists():
+        if (location.path(store) / "catalog" / "files.parquet").exists():
             load_key(sid)  # raises: a used store without its key would get new pseudonyms
         create_key(sid)
     return sid

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
-from voxelflow import catalog
+from voxelflow import catalog, location
 from voxelflow.errors import InvalidInputError, StoreError
 from voxelflow.geometry import orientation_code, voxel_sizes
 from voxelflow.store import open_label, open_volume, write_label, write_volume
@@ -59,7 +59,7 @@ class PreprocessConfig(BaseModel):
 
 
 def output_root(config: PreprocessConfig) -> Path:
-    return Path(config.store) / "preprocessed" / config.version()
+    return location.path(config.store) / "preprocessed" / config.version()
 
 
 def resolve(config: PreprocessConfig) -> PreprocessConfig:

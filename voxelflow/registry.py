@@ -18,17 +18,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from voxelflow import location
 from voxelflow.errors import StoreError
 
 
 def models_dir(store: str | os.PathLike, name: str) -> Path:
-    return Path(store) / "models" / name
+    return location.path(store) / "models" / name
 
 
 def data_snapshot(store: str | os.PathLike, preprocessed: str | None = None) -> dict[str, Any]:
     """Digests of the catalog tables a model was trained on (volumes, labels, classes, split)
     and of the preprocessed copy's catalog."""
-    store = Path(store)
+    store = location.path(store)
     parts = {}
     for name in ("volumes", "labels", "classes", "splits"):
         parts[name] = _table_digest(store / "catalog" / f"{name}.parquet")
@@ -45,9 +46,7 @@ def _table_digest(path: Path) -> str | None:
     """Digest of a catalog table's content (rows in key order, timestamps left out)."""
     if not path.exists():
         return None
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(path)
+    table = location.read_parquet(path)
     table = table.drop_columns([c for c in VOLATILE_COLUMNS if c in table.column_names])
     rows = sorted(json.dumps(r, sort_keys=True, default=str) for r in table.to_pylist())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()[:16]
@@ -80,10 +79,7 @@ def version_dir(store: str | os.PathLike, name: str, version: str) -> Path:
 
 
 def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    location.write_bytes(path, json.dumps(data, indent=2, default=str).encode())
 
 
 def register(store: str | os.PathLike, name: str, version: str, *, config: dict[str, Any],

@@ -17,7 +17,9 @@ array axis, ..., )) is stored in the group attributes under ``voxelflow.affine``
 
 A volume becomes visible only once complete: it is written under ``.staging/`` and renamed
 into ``volumes/`` in one step (a rename is atomic on a local filesystem), so a killed run
-never leaves a half-written volume where readers look.
+never leaves a half-written volume where readers look. A store on object storage
+(``s3://...``, see :mod:`voxelflow.location`) has no rename: a volume is written under its
+final prefix, and the catalog row written after it is what makes it part of the store.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
+from voxelflow import location
 from voxelflow.errors import StoreError
 from voxelflow.geometry import level_affine, voxel_sizes  # noqa: F401 - voxel_sizes re-exported
 
@@ -60,18 +63,18 @@ def init_store(path: str | os.PathLike) -> str:
     Raises:
         StoreError: the store cannot be created or is not a voxelflow store.
     """
-    root = Path(path)
+    root = location.path(path)
     try:
         if (root / "zarr.json").exists():
             return store_id(root)
         if root.exists() and any(root.iterdir()):
             raise StoreError(f"{root} exists, is not empty and is not a voxelflow store")
-        root.mkdir(parents=True, exist_ok=True)
+        location.makedirs(root)
         sid = str(uuid.uuid4())
         group = zarr.open_group(store=str(root), mode="w", zarr_format=3)
         group.attrs["voxelflow"] = {"format": STORE_FORMAT, "store_id": sid}
         group.create_group("volumes")
-        (root / "catalog").mkdir(exist_ok=True)
+        location.makedirs(root / "catalog")
         return sid
     except StoreError:
         raise
@@ -85,7 +88,7 @@ def store_id(path: str | os.PathLike) -> str:
     Raises:
         StoreError: no voxelflow store at ``path``.
     """
-    meta = Path(path) / "zarr.json"
+    meta = location.path(path) / "zarr.json"
     try:
         attrs = json.loads(meta.read_text()).get("attributes", {})
     except FileNotFoundError:
@@ -99,7 +102,16 @@ def store_id(path: str | os.PathLike) -> str:
 
 
 def volume_path(store: str | os.PathLike, volume_id: str) -> Path:
-    return Path(store) / "volumes" / volume_id
+    return location.path(store) / "volumes" / volume_id
+
+
+def _staging(root: Path, target: Path, name: str) -> Path:
+    """Where to write before publishing: aside under ``.staging/`` locally; on object storage
+    the target itself (emptied first), as there is no atomic rename there."""
+    if location.is_url(root):
+        location.remove_tree(target)
+        return target
+    return root / ".staging" / f"{name}.{uuid.uuid4().hex}"
 
 
 # ----------------------------------------------------------------------------- pyramid
@@ -270,15 +282,15 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
     """
     if data.ndim not in (3, 4):
         raise ValueError(f"volume {volume_id}: expected 3-D or 4-D data, got shape {data.shape}")
-    root = Path(store)
+    root = location.path(store)
     spacing_xyz = voxel_sizes(affine)
     spacing_zyx = tuple(float(v) for v in spacing_xyz[::-1])
     steps = pyramid_factors(spacing_zyx, data.shape[-3:])
     digest = content_digest(data)
-    staging = root / ".staging" / f"{volume_id}.{uuid.uuid4().hex}"
     target = volume_path(root, volume_id)
+    staging = _staging(root, target, volume_id)
     try:
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        location.makedirs(staging.parent)
         group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
         datasets = _write_multiscale(group, data, spacing_zyx, steps, downsample, chunk, time_step)
         meta = dict(attributes or {})
@@ -296,7 +308,7 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
         })
         _publish(staging, target)
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        location.remove_tree(staging)
         raise StoreError(f"cannot write volume {volume_id} into {root}: {exc}") from exc
     return VolumeInfo(volume_id=volume_id, shape=tuple(data.shape), dtype=str(data.dtype),
                       spacing=tuple(float(v) for v in spacing_xyz), digest=digest,
@@ -316,7 +328,7 @@ def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.
         StoreError: the volume does not exist or the label cannot be written.
         ValueError: the label's shape differs from the volume's.
     """
-    root = Path(store)
+    root = location.path(store)
     image = zarr.open_group(store=str(volume_path(root, volume_id)), mode="r", zarr_format=3)
     base = image[list_levels(image)[0]["path"]]
     if tuple(labels.shape) != tuple(base.shape[-3:]):
@@ -324,13 +336,13 @@ def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.
                          f"volume's {base.shape[-3:]}")
     spacing_zyx = tuple(list_levels(image)[0]["coordinateTransformations"][0]["scale"][-3:])
     steps = pyramid_factors(spacing_zyx, labels.shape)
-    staging = root / ".staging" / f"{volume_id}.label.{uuid.uuid4().hex}"
     labels_dir = volume_path(root, volume_id) / "labels"
+    staging = _staging(root, labels_dir / name, f"{volume_id}.label")
     values = [int(v) for v in np.unique(labels) if v != 0]
     palette = [[230, 25, 75, 255], [60, 180, 75, 255], [0, 130, 200, 255], [245, 130, 48, 255],
                [145, 30, 180, 255], [70, 240, 240, 255], [240, 50, 230, 255], [210, 245, 60, 255]]
     try:
-        staging.parent.mkdir(parents=True, exist_ok=True)
+        location.makedirs(staging.parent)
         group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
         datasets = _write_multiscale(group, labels, spacing_zyx, steps, downsample_labels, chunk, None)
         group.attrs.update({"ome": {
@@ -348,7 +360,7 @@ def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.
         names = sorted(set(listing.attrs.get("ome", {}).get("labels", [])) | {name})
         listing.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
     except OSError as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        location.remove_tree(staging)
         raise StoreError(f"cannot write label {name} of volume {volume_id}: {exc}") from exc
     return content_digest(labels)
 
@@ -362,7 +374,10 @@ def open_label(store: str | os.PathLike, volume_id: str, name: str, level: int =
 
 def _publish(staging: Path, target: Path) -> None:
     """Move a complete volume into place. The rename is the commit point: readers see the
-    old complete volume or the new complete one, never a mixture."""
+    old complete volume or the new complete one, never a mixture. (On object storage the
+    volume was written in place: nothing to move.)"""
+    if staging == target:
+        return
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
         trash = staging.parent / f"trash.{uuid.uuid4().hex}"

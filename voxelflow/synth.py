@@ -56,8 +56,8 @@ def synthetic_ct(shape, spacing, rng: np.random.Generator, n_lesions: int) -> tu
     """A torso slab in HU and its label map (1 liver, 2 lesion), both ``(z, y, x)``.
 
     Body, fat rim, lungs, spine, kidneys and spleen (unlabelled distractors) and a liver; the
-    lesions are ellipsoids of 4-15 mm radius inside the liver, hypo- or hyper-dense by
-    25-70 HU.
+    lesions are ellipsoids of 6-15 mm radius inside the liver, hypo- or hyper-dense by
+    30-70 HU.
     """
     sz, sy, sx = spacing
     grid = np.meshgrid(*(np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)), indexing="ij")
@@ -90,13 +90,13 @@ def synthetic_ct(shape, spacing, rng: np.random.Generator, n_lesions: int) -> tu
     for _ in range(50 * max(1, n_lesions)):
         if placed == n_lesions:
             break
-        r = rng.uniform(4, 15)
+        r = rng.uniform(6, 15)
         radii = (max(r, sz * 0.75), r * rng.uniform(0.8, 1.2), r * rng.uniform(0.8, 1.2))
         c = [rng.uniform(lc - lr * 0.6, lc + lr * 0.6) for lc, lr in zip(liver_c, liver_r)]
         lesion = _ellipsoid(grid, c, radii)
         if lesion.sum() == 0 or not (liver[lesion]).all():
             continue  # lesions lie inside the liver
-        hu[lesion] += rng.choice([-1, 1]) * rng.uniform(25, 70)
+        hu[lesion] += rng.choice([-1, 1]) * rng.uniform(30, 70)
         labels[lesion] = LESION
         placed += 1
     hu += rng.normal(0, 12, size=shape).astype(np.float32)

@@ -1,7 +1,9 @@
 """Sources: folders, single files, zip and tar archives, as a flat list of input files.
 
 Archives are unpacked into a scratch folder (outside the store) so every later stage reads
-plain local files. Each input keeps the path relative to its source root, which is what the
+plain local files. A source on object storage (``s3://bucket/prefix``: a prefix or one object,
+see :mod:`voxelflow.location`) is first copied into the scratch folder; the catalog still
+records its URL. Each input keeps the path relative to its source root, which is what the
 catalog records. Members that cannot be unpacked safely are returned as rejected entries with
 a reason, so they are still accounted for.
 """
@@ -18,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from voxelflow import location
 from voxelflow.errors import SourceError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
@@ -115,6 +118,33 @@ def _extract_tar(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
                                   (tarfile.TarError, OSError, EOFError))
 
 
+def _fetch(source: str, dest: Path) -> Path:
+    """Copy a remote source (one object, or every object under a prefix) into ``dest``;
+    returns the local file or folder.
+
+    Raises:
+        SourceError: nothing exists at ``source`` or it cannot be read.
+    """
+    remote = location.path(source)
+    fs, key = remote.fs, remote.path
+    try:
+        if fs.isdir(key):
+            local = dest / "prefix"
+            local.mkdir(parents=True, exist_ok=True)
+            fs.get(key.rstrip("/") + "/", str(local) + "/", recursive=True)
+            return local
+        if not fs.exists(key):
+            raise SourceError(f"source {source!r} does not exist")
+        dest.mkdir(parents=True, exist_ok=True)
+        local = dest / remote.name
+        fs.get(key, str(local))
+        return local
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, SourceError):
+            raise
+        raise SourceError(f"source {source!r} cannot be read: {type(exc).__name__}: {exc}") from exc
+
+
 def list_inputs(sources: list[str], scratch: str | os.PathLike) -> list[InputFile]:
     """Every input file of every source, archives unpacked into ``scratch``.
 
@@ -122,12 +152,12 @@ def list_inputs(sources: list[str], scratch: str | os.PathLike) -> list[InputFil
     it is accounted for and the other sources still run.
 
     Raises:
-        SourceError: a source does not exist.
+        SourceError: a source does not exist (or, on object storage, cannot be read).
     """
     scratch = Path(scratch)
     out: list[InputFile] = []
     for n, source in enumerate(sources):
-        path = Path(source)
+        path = _fetch(source, scratch / f"remote-{n:04d}") if location.is_url(source) else Path(source)
         if not path.exists():
             raise SourceError(f"source {source!r} does not exist")
         if path.is_dir():

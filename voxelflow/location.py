@@ -1,0 +1,120 @@
+"""Where stores and sources live: a local path or an fsspec URL (``s3://bucket/prefix``, ...).
+
+Local paths are ``pathlib.Path``; URLs are ``upath.UPath`` (universal-pathlib), which gives
+the same ``/``, ``exists``, ``read_bytes``, ``glob``, ``open`` over any fsspec filesystem, so
+the store code is written once. What differs is how a write becomes visible:
+
+* on a local filesystem a file is written aside and renamed over its target (atomic);
+* on object storage one PUT of one object is atomic and there is no rename (S3 copies), so
+  files are written in place. A volume's group is written under its final prefix and becomes
+  part of the store when the catalog row that names it is written, after its chunks.
+
+Credentials and endpoints come from the usual places (for S3: ``AWS_ACCESS_KEY_ID``,
+``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for S3-compatible servers such as MinIO,
+Ceph or moto), so every Dask worker that inherits the environment reaches the same store.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+
+def is_url(location: Any) -> bool:
+    """Whether ``location`` names a remote (fsspec) location rather than a local path."""
+    text = str(location)
+    return "://" in text and not text.startswith("file://")
+
+
+def path(location: Any) -> Path:
+    """``Path`` for a local location, ``UPath`` for a URL (typed as Path: the same API)."""
+    if isinstance(location, Path) or not is_url(location):
+        return Path(str(location).removeprefix("file://"))
+    from upath import UPath
+
+    return UPath(str(location))
+
+
+def makedirs(target: Any) -> None:
+    """Create a local folder; object stores have no folders (a no-op)."""
+    if not is_url(target):
+        Path(target).mkdir(parents=True, exist_ok=True)
+
+
+def write_bytes(target: Any, data: bytes) -> None:
+    """Replace ``target`` with ``data`` so readers see the old or the new bytes, never a part."""
+    if is_url(target):
+        path(target).write_bytes(data)
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_bytes(source: Any) -> bytes:
+    return path(source).read_bytes()
+
+
+def remove_tree(target: Any) -> None:
+    """Delete a folder (a prefix) and all below it; missing is fine."""
+    if is_url(target):
+        p = path(target)
+        try:
+            p.fs.rm(p.path, recursive=True)
+        except FileNotFoundError:
+            pass
+    else:
+        shutil.rmtree(target, ignore_errors=True)
+
+
+def torch_save(obj: Any, target: Any) -> None:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(target, buffer.getvalue())
+
+
+def torch_load(source: Any, **kwargs: Any) -> Any:
+    import torch
+
+    if is_url(source):
+        return torch.load(io.BytesIO(read_bytes(source)), **kwargs)
+    return torch.load(source, **kwargs)
+
+
+def save_png(image, target: Any) -> None:
+    """Save a PIL image as PNG at ``target`` (atomically, see :func:`write_bytes`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_bytes(target, buffer.getvalue())
+
+
+def read_parquet(source: Any):
+    import pyarrow.parquet as pq
+
+    if is_url(source):
+        with path(source).open("rb") as fh:
+            return pq.read_table(fh)
+    return pq.read_table(source)
+
+
+def write_parquet(table, target: Any) -> None:
+    """Write a Parquet file (zstd) atomically (see :func:`write_bytes`)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    write_bytes(target, sink.getvalue().to_pybytes())
