@@ -135,3 +135,50 @@ def test_a_prefect_server_restart_during_a_run_is_survived(tmp_path):
         assert sum(flows[r["flow_id"]] == "nightly" for r in runs()) == 1
     finally:
         runtime.stop_local_server(home)
+
+
+def test_a_killed_ingest_leaves_no_partial_volume_and_the_rerun_completes(tmp_path, prefect_server):
+    """kill -9 of the `voxelflow ingest` command in the middle of writing volumes: no volume
+    that readers can open is partial, and running the same command again gives the store of a
+    clean run."""
+    import base64
+    import subprocess
+    import sys
+
+    from voxelflow.ingest import IngestConfig, run_local
+    from voxelflow.store import content_digest, open_volume
+    from voxelflow.synth import SynthConfig, build_synthetic_archive
+
+    archive = build_synthetic_archive(tmp_path / "archive", SynthConfig(patients=10, mr_patients=1,
+                                                                         shape=(32, 96, 96)))
+    key = tmp_path / "k.key"
+    key.write_bytes(base64.b64encode(bytes(range(32))))
+    run_local(IngestConfig(sources=[str(archive / "images")], store=str(tmp_path / "clean"), secret_file=str(key)))
+    store = tmp_path / "store"
+    cmd = [Path(sys.executable).parent / "voxelflow", "ingest", str(archive / "images"), "--store", str(store),
+           "--secret-file", str(key), "--workers", "2", "--batch-size", "8"]
+    env = {**os.environ, "PREFECT_API_URL": prefect_server}
+    log = open(tmp_path / "ingest.log", "wb")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(list((store / "volumes").glob("v-*"))) < 3:
+            assert proc.poll() is None, (tmp_path / "ingest.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "no volume was written in time"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)  # the CLI process, mid-run
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # its Dask workers, as a lost machine would take them
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+    written = sorted(p.name for p in (store / "volumes").glob("v-*"))
+    assert written and len(written) < 11
+    for vid in written:  # every visible volume is complete: its voxels match its digest
+        vol = open_volume(store, vid)
+        assert content_digest(vol.array[...]) == vol.attributes["digest"]
+    assert subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=400).returncode == 0
+    assert _store_state(store) == _store_state(tmp_path / "clean")
+    assert not list((store / ".staging").glob("*")) if (store / ".staging").exists() else True

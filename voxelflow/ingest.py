@@ -28,7 +28,7 @@ from voxelflow.geometry import orientation_code
 from voxelflow.io.dicom import load_stack, looks_like_dicom, plan_series, scan_dicom
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
-from voxelflow.store import init_store, store_id, write_volume
+from voxelflow.store import clean_staging, init_store, store_id, write_volume
 
 
 class IngestConfig(BaseModel):
@@ -51,11 +51,14 @@ class IngestConfig(BaseModel):
 def prepare_store(store: str, secret_file: str | None = None) -> str:
     """Create or open the store and make sure its key exists. Returns the store id.
 
+    Clears what killed runs left in ``.staging/`` (never visible; written again by this run).
+
     Raises:
         StoreError: the store cannot be created.
         ConfigurationError: an existing store's key cannot be found.
     """
     sid = init_store(store)
+    clean_staging(store)
     if secret_file:
         load_key(sid, secret_file)
     elif not key_path(sid).exists():

@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,44 @@ def _staging(root: Path, target: Path, name: str) -> Path:
     if location.is_url(root):
         location.remove_tree(target)
         return target
-    return root / ".staging" / f"{name}.{uuid.uuid4().hex}"
+    # writer's host and process in the name, so clean_staging knows what a dead run left
+    return root / ".staging" / f"{name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex}"
+
+
+def _host() -> str:
+    return socket.gethostname().replace(".", "-")
+
+
+def clean_staging(store: str | os.PathLike, max_age_s: float = 86400.0) -> int:
+    """Remove what killed writers left in ``.staging/`` (never visible to readers): entries of
+    processes on this host that no longer run, and entries older than ``max_age_s`` from other
+    hosts. Returns how many were removed."""
+    import time
+
+    staging = location.path(store) / ".staging"
+    if location.is_url(store) or not staging.is_dir():
+        return 0
+    host, removed = _host(), 0
+    for entry in staging.iterdir():
+        parts = entry.name.split(".")
+        try:
+            pid = int(parts[-2])
+            same_host = parts[-3] == host
+        except (ValueError, IndexError):
+            pid, same_host = -1, False
+        if same_host:
+            try:
+                os.kill(pid, 0)
+                continue  # its writer still runs
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        elif time.time() - entry.stat().st_mtime < max_age_s:
+            continue
+        location.remove_tree(entry) if entry.is_dir() else entry.unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 # ----------------------------------------------------------------------------- pyramid
