@@ -24,7 +24,7 @@ TASKS = ("segmentation", "classification", "autoencoder", "gan")
 def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dims: int = 3,
           channels: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.1,
           patch_size: Sequence[int] = (32, 64, 64), latent_size: int = 64,
-          pooling: str = "avg") -> nn.Module | tuple[nn.Module, nn.Module]:
+          pooling: str = "avg", norm: str = "batch") -> nn.Module | tuple[nn.Module, nn.Module]:
     """Build the network of ``task``.
 
     Args:
@@ -34,6 +34,7 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
         pooling: a classifier's global pooling, ``avg`` or ``max``. Max pooling suits detection
             (is a small finding anywhere in the patch?): an average over the patch dilutes a
             lesion of a hundred voxels among fifty thousand.
+        norm: a classifier's normalisation layers, ``batch`` or ``instance``.
     """
     from monai.networks.nets import AutoEncoder, Generator, PatchDiscriminator, UNet, resnet10
 
@@ -47,7 +48,8 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
         # a 3-voxel stem without stride or max-pool: the default 7-voxel stride-2 stem and pool
         # blur away lesions a few voxels across before the first residual block sees them.
         net = resnet10(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels,
-                       feed_forward=True, widen_factor=0.25, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True)
+                       feed_forward=True, widen_factor=0.25, conv1_t_size=3, conv1_t_stride=1, no_max_pool=True,
+                       norm=("instance", {"affine": True}) if norm == "instance" else norm)
         if pooling == "max":
             net.avgpool = (nn.AdaptiveMaxPool3d if spatial_dims == 3 else nn.AdaptiveMaxPool2d)(1)
         elif pooling != "avg":
@@ -75,7 +77,7 @@ def from_config(config, out_channels: int = 2) -> nn.Module | tuple[nn.Module, n
     """The network a :class:`models.train.TrainConfig` describes."""
     return build(config.task, out_channels=out_channels, channels=config.channels, dropout=config.dropout,
                  patch_size=config.patch_size, latent_size=config.latent_size,
-                 pooling=getattr(config, "pooling", "avg"))
+                 pooling=getattr(config, "pooling", "avg"), norm=getattr(config, "norm", "batch"))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -76,7 +76,7 @@ def _classification_sampling(c: TrainConfig) -> dict:
         return dict(class_balanced=True, foreground_oversample=1.0)
     if c.positive_class is None:
         raise ValueError("positive_label needs positive_class (the class a patch holding that label has)")
-    return dict(class_balanced=True, foreground_oversample=0.8,
+    return dict(class_balanced=True, foreground_oversample=1 / 2,
                 class_from_label=(c.positive_label, c.min_positive_voxels, c.positive_class),
                 focus=(c.positive_label, c.positive_share) if c.positive_share > 0 else None)
 

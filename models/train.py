@@ -72,6 +72,9 @@ class TrainConfig(BaseModel):
     positive_share: float = Field(0.5, ge=0.0, le=1.0)
     # a classifier's global pooling: "max" for detection (a small finding anywhere in the patch)
     pooling: Literal["avg", "max"] = "avg"
+    # a classifier's normalisation: "instance" keeps its output for windows unlike the training
+    # batches (inference slides over the whole volume) from shifting with batch statistics
+    norm: Literal["batch", "instance"] = "batch"
 
 
 def _seed_everything(seed: int) -> None:

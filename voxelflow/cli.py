@@ -84,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(store)  # a fresh demo store each time
     sources = build_demo_archive(work / "sources")
     synthetic = build_synthetic_archive(work / "synthetic", SynthConfig(patients=args.patients, mr_patients=2,
-                                                                                 positive_fraction=0.5))
+                                                                                 positive_fraction=0.4))
     sources.append(str(synthetic / "images"))
     print("demo sources:", *sources, sep="\n  ")
     common = dict(dask_address=args.dask_address, workers=args.workers)

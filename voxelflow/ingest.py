@@ -93,6 +93,7 @@ SCAN_SCHEMA = pa.schema([
     ("image_type", pa.string()),
     ("rescale_slope", pa.float64()), ("rescale_intercept", pa.float64()),
     ("attributes", pa.string()),
+    ("frame_info", pa.string()),  # JSON: per-frame geometry of enhanced multi-frame images
 ])
 
 
@@ -253,13 +254,30 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
                 "warnings": plan.warnings, "stack": plan.label})
         except InvalidInputError as exc:
             reason = f"series {series}" + (f" [{plan.label}]" if plan.label else "") + f": {exc}"
-            file_rows.extend(_file_row(r, "failed", reason) for r in plan.files)
+            file_rows.extend(_file_row(r, "failed", reason) for r in _distinct_files(plan.files))
             continue
+        files = _distinct_files(plan.files)  # a multi-frame file is one file, not one per frame
         volume_rows.append(_volume_row(
             volume_id, info, plan.affine, kind="dicom", first=plan.files[0], stack=plan.label,
-            files=plan.files, attributes=plan.files[0]["attributes"] or "{}", warnings=plan.warnings))
-        file_rows.extend(_file_row(r, "converted", None, volume_id) for r in plan.files)
-    return volume_rows, file_rows
+            files=files, attributes=plan.files[0]["attributes"] or "{}", warnings=plan.warnings))
+        file_rows.extend(_file_row(r, "converted", None, volume_id) for r in files)
+    # a multi-frame file whose frames went into several volumes (echoes, stacks) is one row:
+    # converted (into the first volume) if any of its volumes was written
+    by_path: dict[tuple, dict] = {}
+    for row in file_rows:
+        k = (row["source"], row["path"])
+        if k not in by_path or (by_path[k]["status"] != "converted" and row["status"] == "converted"):
+            by_path[k] = row
+    return volume_rows, list(by_path.values())
+
+
+def _distinct_files(records: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for r in records:
+        if (r["source"], r["path"]) not in seen:
+            seen.add((r["source"], r["path"]))
+            out.append(r)
+    return out
 
 
 def convert_nifti_file(store: str, key: bytes, rec: dict, chunk: int = 64) -> tuple[list[dict], list[dict]]:

@@ -224,7 +224,50 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
         "rescale_slope": _float(ds, "RescaleSlope"),
         "rescale_intercept": _float(ds, "RescaleIntercept"),
         "attributes": json.dumps(_technical_attributes(ds), sort_keys=True),
+        "frame_info": json.dumps(_frame_info(ds, frames)) if frames > 1 and "PerFrameFunctionalGroupsSequence" in ds
+        else None,
     }
+
+
+def _group(ds: pydicom.Dataset, shared: pydicom.Dataset | None, frame: pydicom.Dataset, keyword: str):
+    """A functional group macro of one frame: its per-frame item, else the shared one."""
+    for source in (frame, shared):
+        if source is not None and keyword in source and len(source[keyword].value):
+            return source[keyword].value[0]
+    return None
+
+
+def _frame_info(ds: pydicom.Dataset, frames: int) -> list[dict[str, Any]]:
+    """Geometry and rescale of every frame of an enhanced (multi-frame) image, from its
+    per-frame and shared functional groups (PS3.3 C.7.6.16): position, orientation, pixel
+    spacing, slice thickness, rescale, and what tells frames at one position apart (stack,
+    temporal position, echo time, frame type). A value no group holds is None."""
+    per_frame = ds.PerFrameFunctionalGroupsSequence
+    shared = ds.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in ds and \
+        len(ds.SharedFunctionalGroupsSequence) else None
+    out = []
+    for k in range(min(frames, len(per_frame))):
+        item = per_frame[k]
+        pos = _group(ds, shared, item, "PlanePositionSequence")
+        ori = _group(ds, shared, item, "PlaneOrientationSequence")
+        meas = _group(ds, shared, item, "PixelMeasuresSequence")
+        rescale = _group(ds, shared, item, "PixelValueTransformationSequence")
+        content = _group(ds, shared, item, "FrameContentSequence")
+        echo = _group(ds, shared, item, "MREchoSequence")
+        ftype = _group(ds, shared, item, "CTImageFrameTypeSequence") or _group(ds, shared, item, "MRImageFrameTypeSequence")
+        out.append({
+            "position": _float_list(pos, "ImagePositionPatient", 3) if pos is not None else None,
+            "orientation": _float_list(ori, "ImageOrientationPatient", 6) if ori is not None else None,
+            "pixel_spacing": _float_list(meas, "PixelSpacing", 2) if meas is not None else None,
+            "slice_thickness": _float(meas, "SliceThickness") if meas is not None else None,
+            "rescale_slope": _float(rescale, "RescaleSlope") if rescale is not None else None,
+            "rescale_intercept": _float(rescale, "RescaleIntercept") if rescale is not None else None,
+            "stack": str(content.get("StackID", "")) or None if content is not None else None,
+            "temporal_position": _int(content, "TemporalPositionIndex") if content is not None else None,
+            "echo_time": _float(echo, "EffectiveEchoTime") if echo is not None else None,
+            "frame_type": "\\".join(str(v) for v in ftype.get("FrameType", [])) or None if ftype is not None else None,
+        })
+    return out
 
 
 # ----------------------------------------------------------------------------- assembly
@@ -329,20 +372,55 @@ def _build_stack(series: str, label: str, recs: list[dict[str, Any]], normal: np
                      shape=(n, first["rows"], first["cols"]), affine=affine, warnings=warnings)
 
 
+def _expand_frames(series: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per frame for enhanced multi-frame images (each frame with its own geometry
+    and rescale from the functional groups, ``frame`` its index); single-frame records as they
+    are.
+
+    Raises:
+        UnsupportedDataError: a multi-frame image without per-frame geometry (its slice
+            positions would have to be guessed).
+    """
+    out = []
+    for r in records:
+        if r["frames"] <= 1:
+            out.append(r)
+            continue
+        info = json.loads(r["frame_info"]) if r.get("frame_info") else None
+        if not info or len(info) != r["frames"] or any(f["position"] is None or f["orientation"] is None
+                                                       for f in info):
+            raise UnsupportedDataError(
+                r["path"], f"multi-frame image ({r['frames']} frames, {r['sop_class'] or 'unknown SOP class'}) "
+                           "without per-frame positions and orientations (PerFrameFunctionalGroupsSequence); "
+                           "slice positions would have to be guessed, so it is not converted")
+        for k, f in enumerate(info):
+            frame = dict(r)
+            frame.update({key: f[key] for key in ("position", "orientation") if f[key] is not None})
+            for key in ("pixel_spacing", "slice_thickness", "rescale_slope", "rescale_intercept"):
+                if f[key] is not None:
+                    frame[key] = f[key]
+            frame.update({"frame": k, "frames": 1, "pixel_offset": None,
+                          "temporal_position": f["temporal_position"],
+                          "echo_number": None if f["echo_time"] is None else round(f["echo_time"] * 1000),
+                          "acquisition_number": f["stack"],
+                          "image_type": f["frame_type"] or r["image_type"]})
+            out.append(frame)
+    return out
+
+
 def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
     """Split one series' records into consistent stacks.
 
     Raises:
         SeriesAssemblyError: the images cannot be stacked consistently (the reason says why).
-        UnsupportedDataError: the series uses a feature not converted yet (multi-frame).
+        UnsupportedDataError: multi-frame images without per-frame geometry.
         NotAnImageError: color images (screen captures, photos): not a volume.
     """
-    if any(r["frames"] > 1 for r in records):
-        raise UnsupportedDataError(f"series {series}", "multi-frame images (NumberOfFrames > 1) are not converted yet")
     if any(r["samples"] != 1 for r in records):
         raise NotAnImageError(
             f"series {series}", f"color images (SamplesPerPixel={records[0]['samples']}, "
                                 f"{records[0]['photometric']}) are not a volume")
+    records = _expand_frames(series, records)
     missing = [r["path"] for r in records if not r["orientation"] or not r["position"] or not r["pixel_spacing"]]
     if missing:
         raise SeriesAssemblyError(
@@ -440,8 +518,16 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
     """
     raws: list[np.ndarray] = []
     scales: list[tuple[float, float]] = []
+    decoded: dict[str, np.ndarray] = {}  # multi-frame files, decoded once for all their frames
     for rec in plan.files:
-        if direct and rec.get("pixel_offset") is not None:
+        if rec.get("frame") is not None:
+            if rec["local"] not in decoded:
+                decoded[rec["local"]] = _read_pixels(rec["local"], rec["path"])[0]
+            frames = decoded[rec["local"]]
+            arr = frames[rec["frame"]] if frames.ndim == 3 else frames
+            slope = 1.0 if rec["rescale_slope"] is None else rec["rescale_slope"]
+            intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
+        elif direct and rec.get("pixel_offset") is not None:
             arr = _read_direct(rec)
             slope = 1.0 if rec["rescale_slope"] is None else rec["rescale_slope"]
             intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
