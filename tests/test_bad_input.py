@@ -9,7 +9,9 @@ import shutil
 import tarfile
 import zipfile
 
+import numpy as np
 import pyarrow.parquet as pq
+import pydicom
 import pytest
 
 from tests.conftest import NIBABEL_DATA, PYDICOM_DATA, ingest_config
@@ -71,11 +73,30 @@ def test_undecodable_pixel_data_raises_pixel_decode_error(tmp_path):
         load_stack(plan)
 
 
-def test_missing_slice_is_a_series_assembly_error(tmp_path):
+def _shift_slice(path, mm: float) -> None:
+    """Move one slice along the slice normal (z for axial) by ``mm``: irregular spacing."""
+    ds = pydicom.dcmread(path)
+    ds.ImagePositionPatient = [float(v) for v in ds.ImagePositionPatient[:2]] + [float(ds.ImagePositionPatient[2]) + mm]
+    ds.save_as(path)
+
+
+def test_missing_slices_split_the_stack_into_evenly_spaced_volumes(tmp_path):
     paths = write_ct_series(ct_phantom((6, 16, 16)), tmp_path, SeriesSpec())
     paths[2].unlink()
     recs = [_record(p, p.name) for p in paths if p.exists()]
-    with pytest.raises(SeriesAssemblyError, match=r"series S-\w+: slices are not evenly spaced: gap 5 mm"):
+    plans = plan_series(recs[0]["series"], recs)
+    assert [p.shape[0] for p in plans] == [2, 3]
+    assert [p.label for p in plans] == ["part 1 of 2 (slices 0-1)", "part 2 of 2 (slices 2-4)"]
+    for p in plans:
+        assert any("missing slices: gaps of 5 mm after slice 1 (about 1 missing)" in w for w in p.warnings)
+        assert np.allclose(np.linalg.norm(p.affine[:3, 2]), 2.5)  # each part keeps the true spacing
+
+
+def test_irregular_spacing_is_a_series_assembly_error(tmp_path):
+    paths = write_ct_series(ct_phantom((6, 16, 16)), tmp_path, SeriesSpec())
+    _shift_slice(paths[2], 1.0)
+    recs = [_record(p, p.name) for p in paths]
+    with pytest.raises(SeriesAssemblyError, match=r"series S-\w+: slices are not evenly spaced: gap 3.5 mm"):
         plan_series(recs[0]["series"], recs)
 
 
@@ -107,7 +128,7 @@ def _bad_archive(root):
     src = root / "src"
     write_ct_series(ct_phantom((4, 16, 16)), src / "good", SeriesSpec())
     gap = write_ct_series(ct_phantom((5, 16, 16)), src / "gap", SeriesSpec())
-    gap[2].unlink()
+    _shift_slice(gap[2], 1.0)
     shutil.copy(PYDICOM_DATA / "MR_truncated.dcm", src / "truncated.dcm")
     (src / "garbage.dcm").write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 3)
     (src / "notes.txt").write_text("not an image")

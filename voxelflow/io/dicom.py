@@ -445,8 +445,41 @@ def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
         base = _describe_key(key, len(groups))
         for label, sub in _split_repeats(series, recs, normal):
             full = "; ".join(x for x in (base, label) if x)
-            plans.append(_build_stack(series, full, sub, normal))
+            for part, run, note in _split_gaps(series, full, sub, normal):
+                plan = _build_stack(series, "; ".join(x for x in (full, part) if x), run, normal)
+                plan.warnings.extend([note] if note else [])
+                plans.append(plan)
     return plans
+
+
+MAX_GAP_PARTS = 4  # more evenly spaced runs than this: irregular spacing, not missing slices
+
+
+def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.ndarray) -> list[tuple[str, list, str]]:
+    """Split a stack at missing slices into evenly spaced runs: ``[(part label, records,
+    warning)]``. A gap counts as missing slices when it is wider than the median gap; the
+    runs must each hold two or more slices. Anything else (unevenly spaced slices) is left to
+    :func:`_build_stack`, which refuses it with the gaps it saw."""
+    if len(recs) < 4:
+        return [("", recs, "")]
+    recs = sorted(recs, key=lambda r: float(np.dot(normal, r["position"])))
+    d = np.array([float(np.dot(normal, r["position"])) for r in recs])
+    gaps = np.diff(d)
+    median = float(np.median(gaps))
+    tol = max(POSITION_TOL_MM, SPACING_REL_TOL * median)
+    breaks = np.flatnonzero(np.abs(gaps - median) > tol)
+    if not len(breaks) or median <= 0 or (gaps[breaks] < median).any():
+        return [("", recs, "")]
+    bounds = [0, *(int(b) + 1 for b in breaks), len(recs)]
+    runs = [recs[a:b] for a, b in zip(bounds, bounds[1:])]
+    if len(runs) > MAX_GAP_PARTS or min(len(r) for r in runs) < 2:
+        return [("", recs, "")]
+    where = "; ".join(f"{gaps[b]:.4g} mm after slice {int(b)} (about {gaps[b] / median - 1:.3g} missing)"
+                      for b in breaks)
+    note = (f"missing slices: gaps of {where}, against {median:.4g} mm between the other slices; the stack is "
+            f"split into {len(runs)} evenly spaced volumes rather than given one spacing")
+    return [(f"part {i + 1} of {len(runs)} (slices {bounds[i]}-{bounds[i + 1] - 1})", run, note)
+            for i, run in enumerate(runs)]
 
 
 # ----------------------------------------------------------------------------- pixels
