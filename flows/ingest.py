@@ -61,7 +61,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
         progress.phase("converting series")
 
         # 3. Convert, a batch of series per task.
-        conv = {convert_series.submit(jobs, config.store, config.secret_file, config.chunk): jobs
+        conv = {convert_series.submit(jobs, config.store, config.secret_file, config.chunk, config.keep_localizers): jobs
                 for jobs in task_batches}
         volumes: list[dict] = []
         for fut in as_completed(list(conv)):

@@ -22,10 +22,11 @@ def scan_headers(entries: list[InputFile], store: str, secret_file: str | None, 
 
 
 @task(name="convert-series", cache_policy=NO_CACHE, **RETRY)
-def convert_series(jobs: list[dict], store: str, secret_file: str | None, chunk: int) -> dict:
+def convert_series(jobs: list[dict], store: str, secret_file: str | None, chunk: int,
+                   keep_localizers: bool = False) -> dict:
     """Build and write the volumes of a batch of series / NIfTI files; return catalog rows."""
     key = ingest.store_key(store, secret_file)
-    rows = ingest.convert_jobs(store, key, jobs, chunk)
+    rows = ingest.convert_jobs(store, key, jobs, chunk, keep_localizers)
     failed = sum(r["status"] == "failed" for r in rows["files"])
     get_run_logger().info("%d jobs on worker pid %d: %d volumes written, %d files failed",
                           len(jobs), os.getpid(), len(rows["volumes"]), failed)

@@ -171,7 +171,7 @@ EXPECTED = {
     "DICOMDIR": ("skipped", "DICOMDIR"),
     "report.dcm": ("skipped", "no pixel data (SOP class: Comprehensive SR Storage)"),
     "rtstruct.dcm": ("skipped", "no pixel data (SOP class: RT Structure Set Storage)"),
-    "screenshot.dcm": ("skipped", "color images (SamplesPerPixel=3"),
+    "screenshot.dcm": ("skipped", "secondary capture without patient geometry"),
     "broken_j2k.dcm": ("failed", "broken_j2k.dcm: pixel data cannot be decoded"),
     "corrupt.nii.gz": ("failed", "NIfTI cannot be read"),
     "fake.nii": ("failed", "named like DICOM/NIfTI but its content is neither"),

@@ -25,7 +25,7 @@ from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code
-from voxelflow.io.dicom import load_stack, looks_like_dicom, plan_series, scan_dicom
+from voxelflow.io.dicom import load_stack, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
 from voxelflow.store import clean_staging, init_store, store_id, write_volume
@@ -43,6 +43,8 @@ class IngestConfig(BaseModel):
     batch_size: int = Field(256, ge=1, description="files per header-scan task")
     files_per_task: int = Field(256, ge=1, description="pack small series into tasks up to this many files")
     chunk: int = Field(64, ge=8, description="chunk edge length in voxels")
+    keep_localizers: bool = Field(False, description="store localizer / scout images (as 2-D images) "
+                                                     "instead of skipping them")
 
 
 # ----------------------------------------------------------------------------- store + key
@@ -221,7 +223,7 @@ def _volume_row(volume_id: str, info, affine: np.ndarray, *, kind: str, first: d
 
 
 def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict],
-                         chunk: int = 64) -> tuple[list[dict], list[dict]]:
+                         chunk: int = 64, keep_localizers: bool = False) -> tuple[list[dict], list[dict]]:
     """Plan and write the volumes of one DICOM series. Returns ``(volume_rows, file_rows)``.
 
     Bad input never raises: each file gets its row (``failed`` with the reason).
@@ -238,7 +240,13 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
             continue
         if inst:
             seen[inst] = rec["path"]
+        reason = not_part_of_a_volume(rec, keep_localizers)
+        if reason:
+            file_rows.append(_file_row(rec, "skipped", reason))
+            continue
         unique.append(rec)
+    if not unique:
+        return [], file_rows
     try:
         plans = plan_series(series, unique)
     except NotAnImageError as exc:
@@ -299,13 +307,14 @@ def convert_nifti_file(store: str, key: bytes, rec: dict, chunk: int = 64) -> tu
     return [row], [_file_row(rec, "converted", None, volume_id)]
 
 
-def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64) -> dict[str, list[dict]]:
+def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
+                 keep_localizers: bool = False) -> dict[str, list[dict]]:
     """Run a batch of jobs; returns ``{"volumes": [...], "files": [...]}`` rows."""
     volumes: list[dict] = []
     files: list[dict] = []
     for job in jobs:
         if job["kind"] == "dicom":
-            v, f = convert_dicom_series(store, key, job["series"], job["records"], chunk)
+            v, f = convert_dicom_series(store, key, job["series"], job["records"], chunk, keep_localizers)
         else:
             v, f = convert_nifti_file(store, key, job["records"][0], chunk)
         volumes.extend(v)
@@ -365,7 +374,7 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
         task_batches, files = plan_jobs(tables, config.files_per_task)
         volumes: list[dict] = []
         for jobs in task_batches:
-            rows = convert_jobs(config.store, key, jobs, config.chunk)
+            rows = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
             volumes += rows["volumes"]
             files += rows["files"]
         check_accounting(entries, files)

@@ -93,3 +93,25 @@ def test_rescale_and_lossless_dtype(tmp_path, slope, intercept, raw_max, dtype):
     data = load_stack(plan)
     assert data.dtype == dtype
     np.testing.assert_array_equal(data[0], raw.astype(np.float64) * slope + intercept)
+
+
+def test_localizers_are_skipped_with_the_reason_unless_kept(tmp_path):
+    """The real scouts of pydicom's CT2N (ImageType ORIGINAL\\PRIMARY\\LOCALIZER) mixed into a
+    folder with an axial series: the axial series is a volume, each scout a skipped file with
+    its reason; with keep_localizers they are stored as 2-D images."""
+    import shutil
+
+    from tests.conftest import ingest_config
+    from voxelflow import catalog
+    from voxelflow.ingest import IngestConfig, run_local
+
+    src = tmp_path / "src"
+    shutil.copytree(PYDICOM_DATA / "dicomdirtests" / "98892001" / "CT2N", src / "scouts")
+    write_ct_series(ct_phantom((5, 16, 16)), src / "axial", SeriesSpec())
+    summary = run_local(ingest_config([src], tmp_path / "store"))
+    assert (summary["volumes"], summary["skipped"], summary["failed"]) == (1, 2, 0), summary
+    rows = {r["path"]: r for r in catalog.read_table(tmp_path / "store", "files").to_pylist()}
+    for name in ("scouts/6293", "scouts/6924"):
+        assert rows[name]["status"] == "skipped" and "localizer / scout image" in rows[name]["reason"]
+    kept = run_local(IngestConfig(sources=[str(src / "scouts")], store=str(tmp_path / "kept"), keep_localizers=True))
+    assert kept["volumes"] == 2

@@ -372,6 +372,21 @@ def _build_stack(series: str, label: str, recs: list[dict[str, Any]], normal: np
                      shape=(n, first["rows"], first["cols"]), affine=affine, warnings=warnings)
 
 
+def not_part_of_a_volume(rec: dict[str, Any], keep_localizers: bool = False) -> str:
+    """Why an image is not a slice of a volume ("" when it may be): localizer / scout images
+    (ImageType LOCALIZER; kept as 2-D images with ``keep_localizers``) and secondary captures
+    without patient geometry (screenshots, derived reports)."""
+    tokens = {t.strip().upper() for t in (rec.get("image_type") or "").split("\\")}
+    if "LOCALIZER" in tokens and not keep_localizers:
+        return (f"localizer / scout image (ImageType {rec['image_type']}): not part of a volume "
+                "(ingest with keep_localizers to store it as a 2-D image)")
+    if "secondary capture" in (rec.get("sop_class") or "").lower() and \
+            (not rec.get("orientation") or not rec.get("position")):
+        return (f"secondary capture without patient geometry ({rec['sop_class']}, ImageType "
+                f"{rec.get('image_type') or 'none'}): not part of a volume")
+    return ""
+
+
 def _expand_frames(series: str, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One record per frame for enhanced multi-frame images (each frame with its own geometry
     and rescale from the functional groups, ``frame`` its index); single-frame records as they
