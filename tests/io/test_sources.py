@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import NIBABEL_DATA, ingest_config
 from voxelflow.ingest import run_local
-from voxelflow.io.sources import _safe_member_name, list_inputs
+from voxelflow.io.sources import ArchiveLimits, _safe_member_name, list_inputs
 from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
 
 
@@ -74,3 +74,66 @@ def test_same_relative_path_in_two_sources_is_two_rows(tmp_path):
 ])
 def test_member_names_never_escape(name, safe):
     assert _safe_member_name(name) == safe
+
+
+# ----------------------------------------------------------------- hardened archives
+
+
+def test_nested_archives_are_unpacked_and_equal_the_folder(tmp_path, folder):
+    """A tar.gz inside a zip inside the source: its files are inputs named through the
+    archives, and the volumes equal the folder's."""
+    run_local(ingest_config([folder], tmp_path / "from-folder"))
+    inner = _pack(folder, tmp_path / "inner.tar.gz")
+    outer = tmp_path / "outer.zip"
+    with zipfile.ZipFile(outer, "w") as zf:
+        zf.write(inner, "batch1/inner.tar.gz")
+    summary = run_local(ingest_config([outer], tmp_path / "from-nested"))
+    assert (summary["files"], summary["converted"], summary["volumes"]) == (6, 6, 2)
+    assert [d[:2] for d in _digests(tmp_path / "from-nested")] == [d[:2] for d in _digests(tmp_path / "from-folder")]
+    paths = {r["path"] for r in pq.read_table(tmp_path / "from-nested" / "catalog" / "files.parquet").to_pylist()}
+    assert "batch1/inner.tar.gz/fmri.nii.gz" in paths
+
+
+def test_archives_nested_too_deep_are_reported(tmp_path):
+    level = tmp_path / "a.txt"
+    level.write_text("deep")
+    for k in range(3):  # a.txt in zip0 in zip1 in zip2
+        z = tmp_path / f"zip{k}.zip"
+        with zipfile.ZipFile(z, "w") as zf:
+            zf.write(level, level.name)
+        level = z
+    entries = list_inputs([str(level)], tmp_path / "scratch", ArchiveLimits(depth=1))
+    assert [(e.path, e.local, e.reason) for e in entries] == [
+        ("zip1.zip/zip0.zip", "", "archive nested deeper than 1 levels; not unpacked")]
+    entries = list_inputs([str(level)], tmp_path / "scratch2", ArchiveLimits(depth=2))
+    assert [e.path for e in entries] == ["zip1.zip/zip0.zip/a.txt"] and entries[0].local
+
+
+def test_decompression_bombs_are_refused_and_nothing_partial_is_left(tmp_path):
+    """A zip member packing 64 MB of zeros into a few kB is refused from its declared sizes;
+    a tar member larger than the per-member limit is cut off while streaming and removed;
+    an archive over its total budget stops there. Good members next to them still unpack."""
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.dcm", b"\0" * (64 << 20))
+        zf.writestr("fine.txt", b"ok")
+    entries = {e.path: e for e in list_inputs([str(bomb)], tmp_path / "s1")}
+    assert "decompression bomb guard: member packs 67108864 bytes into" in entries["zeros.dcm"].reason
+    assert entries["fine.txt"].local and not entries["zeros.dcm"].local
+
+    big = tmp_path / "big.tar.gz"
+    payload = tmp_path / "payload.bin"
+    payload.write_bytes(b"x" * 5000)
+    with tarfile.open(big, "w:gz") as tf:
+        tf.add(payload, "big.dcm")
+        tf.add(tmp_path / "payload.bin", "second.dcm")
+    limits = ArchiveLimits(member_bytes=4096, total_bytes=1 << 20)
+    entries = {e.path: e for e in list_inputs([str(big)], tmp_path / "s2", limits)}
+    assert "more than 4096 bytes (limit per member)" in entries["big.dcm"].reason
+    assert not list((tmp_path / "s2").rglob("big.dcm"))  # the partial file is gone
+    limits = ArchiveLimits(member_bytes=1 << 20, total_bytes=6000)
+    entries = {e.path: e for e in list_inputs([str(big)], tmp_path / "s3", limits)}
+    assert entries["big.dcm"].local and "limit per archive" in entries["second.dcm"].reason
+    # nothing was written outside the scratch folders
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["bomb.zip", "big.tar.gz", "payload.bin", "s1", "s2", "s3"])

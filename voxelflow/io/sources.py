@@ -27,6 +27,56 @@ ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".ta
 
 
 @dataclass(frozen=True)
+class ArchiveLimits:
+    """Guards against decompression bombs and archive nesting, per archive (a nested archive
+    counts towards its outer archive's totals).
+
+    Attributes:
+        member_bytes: most bytes one member may unpack to (a DICOM file is rarely over 1 GB).
+        total_bytes: most bytes one archive may unpack to in all.
+        ratio: most unpacked bytes per packed byte, for members over ``ratio_floor`` bytes
+            (zip declares both sizes; tar members are checked while they stream).
+        depth: how deep archives inside archives are unpacked (0: not at all).
+    """
+
+    member_bytes: int = 4 << 30
+    total_bytes: int = 64 << 30
+    ratio: float = 200.0
+    ratio_floor: int = 16 << 20
+    depth: int = 2
+
+
+DEFAULT_LIMITS = ArchiveLimits()
+
+
+class _Budget:
+    """Unpacked bytes left to one archive (shared with the archives nested in it)."""
+
+    def __init__(self, limits: ArchiveLimits):
+        self.limits, self.left = limits, limits.total_bytes
+
+
+class _LimitExceeded(Exception):
+    pass
+
+
+def _copy_limited(src, out, limit: int, budget: _Budget) -> int:
+    """Copy at most ``limit`` bytes (and what the budget allows); raises _LimitExceeded past it."""
+    n = 0
+    while True:
+        block = src.read(1 << 20)
+        if not block:
+            return n
+        n += len(block)
+        if n > limit:
+            raise _LimitExceeded(f"member unpacks to more than {limit} bytes (limit per member)")
+        if n > budget.left:
+            raise _LimitExceeded(f"archive unpacks to more than {budget.limits.total_bytes} bytes in all "
+                                 "(limit per archive)")
+        out.write(block)
+
+
+@dataclass(frozen=True)
 class InputFile:
     """One input file.
 
@@ -76,25 +126,42 @@ def _walk_folder(source: str, root: Path) -> Iterator[InputFile]:
 
 
 def _extract_member(source: str, dest: Path, name: str, refusal: str, open_member,
-                    errors: tuple[type[BaseException], ...]) -> InputFile:
-    """Extract one archive member into ``dest`` unless its name escapes ``dest`` or
-    ``refusal`` says why it is not a plain file (a link, a device)."""
+                    errors: tuple[type[BaseException], ...], budget: _Budget, prefix: str = "",
+                    declared: tuple[int, int] | None = None) -> InputFile:
+    """Extract one archive member into ``dest`` unless its name escapes ``dest``, ``refusal``
+    says why it is not a plain file (a link, a device), or it breaks the size limits
+    (``declared``: zip's (unpacked, packed) sizes, checked before unpacking)."""
     safe = _safe_member_name(name)
     if safe is None:
-        return InputFile(source, name, "", "archive member path escapes the extraction folder; not extracted")
+        return InputFile(source, prefix + name, "", "archive member path escapes the extraction folder; not extracted")
     if refusal:
-        return InputFile(source, safe, "", refusal)
+        return InputFile(source, prefix + safe, "", refusal)
+    limits = budget.limits
+    if declared is not None:
+        size, packed = declared
+        if size > limits.member_bytes or size > budget.left:
+            return InputFile(source, prefix + safe, "", f"decompression bomb guard: member declares {size} bytes "
+                                                        f"(limits: {limits.member_bytes} per member, "
+                                                        f"{budget.left} left of this archive's {limits.total_bytes})")
+        if size > limits.ratio_floor and size > limits.ratio * max(packed, 1):
+            return InputFile(source, prefix + safe, "", f"decompression bomb guard: member packs {size} bytes into "
+                                                        f"{packed} (ratio {size / max(packed, 1):.0f}, limit "
+                                                        f"{limits.ratio:.0f}); not extracted")
     target = dest / safe
     target.parent.mkdir(parents=True, exist_ok=True)
     try:
         with open_member() as src, open(target, "wb") as out:
-            shutil.copyfileobj(src, out, 1 << 20)
+            budget.left -= _copy_limited(src, out, limits.member_bytes, budget)
+    except _LimitExceeded as exc:
+        target.unlink(missing_ok=True)
+        return InputFile(source, prefix + safe, "", f"decompression bomb guard: {exc}; not extracted")
     except errors as exc:
-        return InputFile(source, safe, "", f"cannot extract archive member: {exc}")
-    return InputFile(source, safe, str(target))
+        target.unlink(missing_ok=True)
+        return InputFile(source, prefix + safe, "", f"cannot extract archive member: {exc}")
+    return InputFile(source, prefix + safe, str(target))
 
 
-def _extract_zip(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
+def _extract_zip(source: str, archive: Path, dest: Path, budget: _Budget, prefix: str = "") -> Iterator[InputFile]:
     with zipfile.ZipFile(archive) as zf:
         for info in sorted(zf.infolist(), key=lambda i: i.filename):
             if info.is_dir():
@@ -103,10 +170,11 @@ def _extract_zip(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
             yield _extract_member(source, dest, info.filename,
                                   "symbolic link inside archive; not followed" if link else "",
                                   lambda info=info: zf.open(info),
-                                  (zipfile.BadZipFile, OSError, EOFError, NotImplementedError))
+                                  (zipfile.BadZipFile, OSError, EOFError, NotImplementedError), budget, prefix,
+                                  declared=(info.file_size, info.compress_size))
 
 
-def _extract_tar(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
+def _extract_tar(source: str, archive: Path, dest: Path, budget: _Budget, prefix: str = "") -> Iterator[InputFile]:
     with tarfile.open(archive, mode="r:*") as tf:
         for member in tf:  # streaming: works for compressed tars without seeking back
             if member.isdir():
@@ -115,7 +183,34 @@ def _extract_tar(source: str, archive: Path, dest: Path) -> Iterator[InputFile]:
                        else "" if member.isfile() else "special file (device or fifo) inside archive")
             yield _extract_member(source, dest, member.name, refusal,
                                   lambda member=member: tf.extractfile(member),
-                                  (tarfile.TarError, OSError, EOFError))
+                                  (tarfile.TarError, OSError, EOFError), budget, prefix)
+
+
+def _extract(source: str, archive: Path, dest: Path, budget: _Budget, prefix: str = "",
+             depth: int = 0) -> list[InputFile]:
+    """Every member of an archive, nested archives unpacked in turn (up to the depth limit):
+    a nested archive's members are named ``<archive member>/<member>``. An archive that cannot
+    be read is one rejected entry."""
+    dest.mkdir(parents=True, exist_ok=True)
+    extract = _extract_zip if archive.name.lower().endswith(".zip") else _extract_tar
+    out: list[InputFile] = []
+    try:
+        for entry in extract(source, archive, dest, budget, prefix):
+            if entry.local and is_archive(entry.path):
+                if depth + 1 > budget.limits.depth:
+                    out.append(InputFile(source, entry.path, "", f"archive nested deeper than "
+                                                                 f"{budget.limits.depth} levels; not unpacked"))
+                else:
+                    inner = Path(entry.local)
+                    out.extend(_extract(source, inner, inner.with_name(inner.name + ".unpacked"), budget,
+                                        entry.path + "/", depth + 1))
+                    inner.unlink(missing_ok=True)  # its members are the inputs now
+                continue
+            out.append(entry)
+    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
+        out.append(InputFile(source, prefix.rstrip("/") or archive.name, "",
+                             f"archive cannot be read: {type(exc).__name__}: {exc}"))
+    return out
 
 
 def _fetch(source: str, dest: Path) -> Path:
@@ -145,8 +240,10 @@ def _fetch(source: str, dest: Path) -> Path:
         raise SourceError(f"source {source!r} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
-def list_inputs(sources: list[str], scratch: str | os.PathLike) -> list[InputFile]:
-    """Every input file of every source, archives unpacked into ``scratch``.
+def list_inputs(sources: list[str], scratch: str | os.PathLike,
+                limits: ArchiveLimits = DEFAULT_LIMITS) -> list[InputFile]:
+    """Every input file of every source, archives unpacked into ``scratch`` (nested ones too,
+    within ``limits``).
 
     A source that is an unreadable archive yields one rejected entry (the archive itself), so
     it is accounted for and the other sources still run.
@@ -163,14 +260,7 @@ def list_inputs(sources: list[str], scratch: str | os.PathLike) -> list[InputFil
         if path.is_dir():
             out.extend(_walk_folder(source, path))
         elif is_archive(path):
-            dest = scratch / f"source-{n:04d}"
-            dest.mkdir(parents=True, exist_ok=True)
-            extract = _extract_zip if path.name.lower().endswith(".zip") else _extract_tar
-            try:
-                out.extend(extract(source, path, dest))
-            except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
-                out.append(InputFile(source, path.name, "",
-                                     f"archive cannot be read: {type(exc).__name__}: {exc}"))
+            out.extend(_extract(source, path, scratch / f"source-{n:04d}", _Budget(limits)))
         else:
             out.append(InputFile(source, path.name, str(path)))
     return out
