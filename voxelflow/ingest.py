@@ -127,7 +127,7 @@ def classify_file(entry: InputFile, key: bytes) -> dict[str, Any]:
                           "reason": f"DICOM header cannot be read ({type(exc).__name__}: {exc})"}
     if is_archive(entry.path):
         return rec | {"kind": "none", "status": "skipped",
-                      "reason": "archive inside a source; nested archives are not unpacked"}
+                      "reason": "archive inside a source, not unpacked (archive limits: depth 0)"}
     name = entry.path.lower()
     if name.endswith((".dcm", ".ima", ".nii", ".nii.gz")):
         return rec | {"kind": "none", "status": "failed",

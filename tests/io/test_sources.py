@@ -137,3 +137,15 @@ def test_decompression_bombs_are_refused_and_nothing_partial_is_left(tmp_path):
     # nothing was written outside the scratch folders
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["bomb.zip", "big.tar.gz", "payload.bin", "s1", "s2", "s3"])
+
+
+def test_an_archive_inside_a_folder_source_is_unpacked(tmp_path, folder):
+    run_local(ingest_config([folder], tmp_path / "from-folder"))
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    _pack(folder, outer / "export.zip")
+    (outer / "notes.txt").write_text("readme")
+    summary = run_local(ingest_config([outer], tmp_path / "store"))
+    assert (summary["files"], summary["converted"], summary["skipped"], summary["volumes"]) == (7, 6, 1, 2)
+    assert [d[:2] for d in _digests(tmp_path / "store")] == [d[:2] for d in _digests(tmp_path / "from-folder")]
+    assert (outer / "export.zip").exists()  # the user's archive is read, never touched

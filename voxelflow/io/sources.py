@@ -257,7 +257,12 @@ def list_inputs(sources: list[str], scratch: str | os.PathLike,
         if not path.exists():
             raise SourceError(f"source {source!r} does not exist")
         if path.is_dir():
-            out.extend(_walk_folder(source, path))
+            for k, entry in enumerate(_walk_folder(source, path)):
+                if entry.local and is_archive(entry.path) and limits.depth > 0:  # an archive in a folder
+                    dest = scratch / f"source-{n:04d}" / f"archive-{k:06d}"
+                    out.extend(_extract(source, Path(entry.local), dest, _Budget(limits), entry.path + "/"))
+                else:
+                    out.append(entry)
         elif is_archive(path):
             out.extend(_extract(source, path, scratch / f"source-{n:04d}", _Budget(limits)))
         else:
