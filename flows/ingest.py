@@ -22,7 +22,7 @@ from voxelflow.io.sources import list_inputs
 def _failed_rows(records: list[dict], reason: str) -> list[dict]:
     """Rows for files whose task failed for good (after retries): accounted, with why."""
     return [{"source": r["source"], "path": r["path"], "status": "failed", "reason": reason,
-             "volume_id": None} for r in records]
+             "volume_id": None, "digest": r.get("digest")} for r in records]
 
 
 @flow(name="ingest", description="DICOM/NIfTI sources into an OME-Zarr store with a catalog")
@@ -55,7 +55,8 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
                 progress.advance(len(futures[fut]))
 
         # 2. Plan: group by series; files settled by the scan get their rows now.
-        task_batches, settled = ingest.plan_jobs(sorted(scan_tables), config.files_per_task)
+        previous = ingest.Previous(config.store)
+        task_batches, settled = ingest.plan_jobs(sorted(scan_tables), config.files_per_task, previous)
         files += settled
         progress.advance(len(settled))
         progress.phase("converting series")
@@ -79,7 +80,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
 
         ingest.check_accounting(entries, files)
         catalog.update_catalog(config.store, volumes, files)
-        summary = ingest.summarize(volumes, files)
+        summary = ingest.summarize(volumes, files) | {"gone": len(previous.gone(config.sources, entries))}
     finally:
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -89,7 +90,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
     create_table_artifact(
         key="ingest-summary",
         table=[{"metric": k, "value": summary[k]} for k in
-               ("files", "converted", "skipped", "failed", "volumes", "voxels")],
+               ("files", "converted", "skipped", "failed", "volumes", "voxels", "unchanged", "gone")],
         description=f"Ingest into {config.store}")
     if summary["top_reasons"]:
         create_table_artifact(

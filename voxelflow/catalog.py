@@ -49,6 +49,7 @@ FILE_SCHEMA = pa.schema([
     ("status", pa.string()),
     ("reason", pa.string()),
     ("volume_id", pa.string()),
+    ("digest", pa.string()),  # the file's content when it was read (BLAKE2b-128)
 ])
 
 LABEL_SCHEMA = pa.schema([

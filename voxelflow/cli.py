@@ -22,8 +22,11 @@ def _print_summary(summary: dict) -> None:
     table.add_column("converted", justify="right")
     table.add_column("skipped", justify="right")
     table.add_column("failed", justify="right")
-    table.add_column("volumes", justify="right")
-    table.add_row(*(str(summary[k]) for k in ("files", "converted", "skipped", "failed", "volumes")))
+    table.add_column("volumes written", justify="right")
+    table.add_column("unchanged files", justify="right")
+    table.add_column("gone", justify="right")
+    table.add_row(*(str(summary.get(k, 0)) for k in ("files", "converted", "skipped", "failed", "volumes",
+                                                     "unchanged", "gone")))
     console.print(table)
     for row in summary["top_reasons"]:
         print(f"  {row['files']:>5} x {row['status']}: {row['reason']}")
