@@ -93,6 +93,7 @@ SCAN_SCHEMA = pa.schema([
     ("slice_thickness", pa.float64()), ("spacing_between_slices", pa.float64()),
     ("instance_number", pa.int64()), ("acquisition_number", pa.int64()),
     ("echo_number", pa.int64()), ("temporal_position", pa.int64()),
+    ("acquisition_time", pa.float64()), ("repetition_time", pa.float64()),
     ("image_type", pa.string()),
     ("rescale_slope", pa.float64()), ("rescale_intercept", pa.float64()),
     ("attributes", pa.string()),
@@ -321,7 +322,7 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         volume_id = pseudonym(key, "volume", f"{series}|{plan.label}").lower()
         try:
             data = load_stack(plan)
-            info = write_volume(store, volume_id, data, plan.affine, chunk=chunk, attributes={
+            info = write_volume(store, volume_id, data, plan.affine, chunk=chunk, time_step=plan.time_step, attributes={
                 "kind": "dicom", "modality": plan.files[0]["modality"],
                 "warnings": plan.warnings, "stack": plan.label})
         except InvalidInputError as exc:

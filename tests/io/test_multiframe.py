@@ -74,3 +74,40 @@ def test_multiframe_without_per_frame_geometry_is_reported(tmp_path):
     assert rows["rtdose.dcm"]["status"] in ("failed", "skipped")
     assert rows["SC_rgb_rle_2frame.dcm"]["status"] == "skipped"  # colour: not a volume
     assert PYDICOM_DATA  # the real-file corpus used elsewhere is present
+
+
+def test_a_time_series_is_one_4d_volume_in_acquisition_order(tmp_path):
+    """Three time points of the same five slices in one series (TemporalPositionIdentifier,
+    AcquisitionNumber, AcquisitionTime 2 s apart), written out of order: one 4-D volume, time
+    points ordered by acquisition, time step 2 s, equal to dcm2niix's 4-D NIfTI."""
+    from pydicom.uid import generate_uid
+
+    series_uid, study_uid, frame_uid = generate_uid(), generate_uid(), generate_uid()
+    phantoms = [ct_phantom((5, 16, 20), seed=20 + t) for t in range(3)]
+    for t in (2, 0, 1):  # written out of order
+        spec = SeriesSpec(series_uid=series_uid, study_uid=study_uid, frame_uid=frame_uid, uid_seed=f"t{t}",
+                          extra={"TemporalPositionIdentifier": t + 1, "NumberOfTemporalPositions": 3,
+                                 "AcquisitionNumber": t + 1, "AcquisitionTime": f"1200{2 * t:02d}.000000"})
+        for path in write_ct_series(phantoms[t], tmp_path / "fmri", spec, prefix=f"T{t}_"):
+            ds = pydicom.dcmread(path)  # numbered through the series, as scanners do
+            ds.InstanceNumber = 5 * t + int(ds.InstanceNumber)
+            ds.save_as(path)
+    summary = run_local(ingest_config([tmp_path / "fmri"], tmp_path / "store"))
+    assert (summary["volumes"], summary["converted"], summary["failed"]) == (1, 15, 0), summary
+    [row] = catalog.read_table(tmp_path / "store", "volumes").to_pylist()
+    assert row["shape"] == [3, 5, 16, 20]
+    assert any("4-D series: 3 time points of 5 slices, ordered by acquisition time; time step 2 s" in w
+               for w in row["warnings"])
+    from voxelflow.store import open_volume
+
+    vol = open_volume(tmp_path / "store", row["volume_id"])
+    assert vol.time_step == 2.0
+    for t in range(3):
+        np.testing.assert_array_equal(vol.array[t], phantoms[t])
+    [ours] = export_nifti(tmp_path / "store", tmp_path / "ours")
+    [ref] = dcm2niix(tmp_path / "fmri", tmp_path / "ref")
+    ours_d, ours_a = canonical(ours)
+    ref_d, ref_a = canonical(ref)
+    assert ours_d.shape == ref_d.shape == (20, 16, 5, 3)
+    np.testing.assert_array_equal(ours_d, ref_d)
+    np.testing.assert_allclose(ours_a, ref_a, atol=1e-3, rtol=0)

@@ -220,6 +220,8 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
         "acquisition_number": _int(ds, "AcquisitionNumber"),
         "echo_number": _int(ds, "EchoNumbers"),
         "temporal_position": _int(ds, "TemporalPositionIdentifier"),
+        "acquisition_time": _seconds(ds.get("AcquisitionTime") or ds.get("ContentTime")),
+        "repetition_time": _float(ds, "RepetitionTime"),
         "image_type": image_type,
         "rescale_slope": _float(ds, "RescaleSlope"),
         "rescale_intercept": _float(ds, "RescaleIntercept"),
@@ -227,6 +229,15 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
         "frame_info": json.dumps(_frame_info(ds, frames)) if frames > 1 and "PerFrameFunctionalGroupsSequence" in ds
         else None,
     }
+
+
+def _seconds(value) -> float | None:
+    """A DICOM TM (HHMMSS.FFFFFF) as seconds after midnight; None when absent or malformed."""
+    text = str(value or "").strip().replace(":", "")
+    try:
+        return int(text[0:2]) * 3600 + int(text[2:4] or 0) * 60 + float(text[4:] or 0) if len(text) >= 2 else None
+    except ValueError:
+        return None
 
 
 def _group(ds: pydicom.Dataset, shared: pydicom.Dataset | None, frame: pydicom.Dataset, keyword: str):
@@ -283,6 +294,8 @@ class StackPlan:
     shape: tuple[int, int, int]  # (slices, rows, cols)
     affine: np.ndarray  # RAS, index (col, row, slice)
     warnings: list[str] = field(default_factory=list)
+    timepoints: int = 1  # > 1: a 4-D series, ``files`` time-major (every slice of t=0, then t=1, ...)
+    time_step: float | None = None  # seconds between time points (4-D)
 
 
 def _geometry_key(rec: dict[str, Any]) -> tuple:
@@ -458,13 +471,63 @@ def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
         recs = groups[key]
         normal = slice_normal(recs[0]["orientation"])
         base = _describe_key(key, len(groups))
-        for label, sub in _split_repeats(series, recs, normal):
+        repeats = _split_repeats(series, recs, normal)
+        four_d = _as_time_series(series, base, repeats, normal)
+        if four_d is not None:
+            plans.append(four_d)
+            continue
+        for label, sub in repeats:
             full = "; ".join(x for x in (base, label) if x)
             for part, run, note in _split_gaps(series, full, sub, normal):
                 plan = _build_stack(series, "; ".join(x for x in (full, part) if x), run, normal)
                 plan.warnings.extend([note] if note else [])
                 plans.append(plan)
     return plans
+
+
+_TIME_ATTRIBUTES = ("temporal_position", "acquisition_number")
+
+
+def _as_time_series(series: str, base: str, groups: list[tuple[str, list]], normal: np.ndarray) -> StackPlan | None:
+    """One 4-D plan when the images at each slice position are repeats over time: the groups
+    differ only by TemporalPositionIdentifier or AcquisitionNumber and cover the same slice
+    positions. Time points are ordered by acquisition time where every image has one, else by
+    that attribute; the time step is the median difference of the time points' acquisition
+    times (else RepetitionTime for MR, else unknown)."""
+    if len(groups) < 2 or not groups[0][0] or groups[0][0].split("=")[0] not in _TIME_ATTRIBUTES:
+        return None
+    stacks = [_build_stack(series, base, recs, normal) for _, recs in groups]
+    first = stacks[0]
+    for s in stacks[1:]:
+        if s.shape != first.shape or not np.allclose(s.affine, first.affine, atol=POSITION_TOL_MM):
+            return None  # not the same slices: separate volumes
+    attr = groups[0][0].split("=")[0]
+
+    def when(stack: StackPlan) -> float | None:
+        times = [r.get("acquisition_time") for r in stack.files]
+        return min(times) if all(t is not None for t in times) else None
+
+    times = [when(s) for s in stacks]
+    if all(t is not None for t in times) and len(set(times)) == len(times):
+        order = sorted(range(len(stacks)), key=lambda i: times[i])
+        how = "acquisition time"
+    else:
+        order = sorted(range(len(stacks)), key=lambda i: (stacks[i].files[0].get(attr) is None,
+                                                           stacks[i].files[0].get(attr)))
+        how = attr
+    stacks = [stacks[i] for i in order]
+    step = None
+    if all(times[i] is not None for i in order):
+        diffs = np.diff([times[i] for i in order])
+        step = float(np.median(diffs)) if len(diffs) and np.median(diffs) > 0 else None
+    if step is None and first.files[0].get("repetition_time"):
+        step = float(first.files[0]["repetition_time"]) / 1000.0
+    warnings = sorted({w for s in stacks for w in s.warnings})
+    warnings.append(f"4-D series: {len(stacks)} time points of {first.shape[0]} slices, ordered by {how}; "
+                    f"time step {'%.4g s' % step if step else 'unknown'}")
+    return StackPlan(series=series, label="; ".join(x for x in (base, "4-D") if x),
+                     files=[r for s in stacks for r in s.files], shape=first.shape, affine=first.affine,
+                     warnings=warnings, timepoints=len(stacks), time_step=step)
 
 
 MAX_GAP_PARTS = 4  # more evenly spaced runs than this: irregular spacing, not missing slices
@@ -581,7 +644,7 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
             intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
         else:
             arr, slope, intercept = _read_pixels(rec["local"], rec["path"])
-        if arr.shape != plan.shape[1:]:
+        if arr.shape != tuple(plan.shape[1:]):
             raise SeriesAssemblyError(rec["path"], f"pixel array shape {arr.shape} differs from "
                                                    f"Rows x Columns {plan.shape[1:]}")
         raws.append(arr)
@@ -591,7 +654,7 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
     lo = min(min(float(a.min()) * s, float(a.max()) * s) + i for a, (s, i) in zip(raws, scales))
     hi = max(max(float(a.min()) * s, float(a.max()) * s) + i for a, (s, i) in zip(raws, scales))
     dtype = _lossless_dtype(lo, hi, integral)
-    out = np.empty(plan.shape, dtype=dtype)
+    out = np.empty((len(raws), *plan.shape[1:]), dtype=dtype)
     for k, (a, (s, i)) in enumerate(zip(raws, scales)):
         if integral:
             # The output dtype holds every rescaled value, so computing in it is exact.
@@ -605,4 +668,6 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
                 out = out.astype(np.float64)
                 dtype = np.dtype(np.float64)
             out[k] = exact
+    if plan.timepoints > 1:  # (t * z, y, x) -> (t, z, y, x)
+        return out.reshape(plan.timepoints, plan.shape[0], *plan.shape[1:])
     return out
