@@ -144,3 +144,19 @@ def test_patch_classes_from_the_label(labelled_store):
     with pytest.raises(ValueError, match="two classes"):
         patch_dataset(str(labelled_store), (8, 16, 16), version=config.version(), class_balanced=True,
                       class_from_label=(2, 5, "tumour"))
+
+
+def test_focus_centres_a_share_of_patches_on_a_label(cube):
+    """``focus=(value, share)``: that share of the patches is centred on a voxel of the value
+    (rare findings); a value no volume has changes nothing."""
+    root, _, labels, locations = cube
+    entries = [VolumeEntry("v", (64, 64, 64), locations=locations)]
+    value = max(locations)
+    ds = ZarrPatchDataset(str(root), entries, (8, 8, 8), foreground_oversample=0.0, samples_per_epoch=400,
+                          focus=(value, 0.5))
+    centred = [ds[i]["label"][0, 4, 4, 4] == value for i in range(400)]
+    assert 0.42 < np.mean(centred) < 0.62
+    none = ZarrPatchDataset(str(root), entries, (8, 8, 8), foreground_oversample=0.0, samples_per_epoch=50,
+                            focus=(value + 7, 1.0))
+    assert [none.sample(i) for i in range(50)] == [ZarrPatchDataset(
+        str(root), entries, (8, 8, 8), foreground_oversample=0.0, samples_per_epoch=50).sample(i) for i in range(50)]

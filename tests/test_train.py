@@ -123,3 +123,34 @@ def test_class_weights():
     assert weighting(TrainConfig(task="segmentation")) == "none"
     assert weighting(TrainConfig(task="classification")) == "inverse"
     assert weighting(TrainConfig(task="segmentation", class_weighting="sqrt")) == "sqrt"
+
+
+def test_operating_threshold_from_validation_scores():
+    from models.evaluate import classification_metrics, decide, operating_threshold
+
+    # separable: the midpoint of the widest gap between the classes
+    assert operating_threshold([0.91, 0.95, 0.97, 0.99], [0, 0, 1, 1]) == pytest.approx(0.96)
+    # not separable: the threshold with the best F1 (here: catch both positives, one false positive)
+    t = operating_threshold([0.2, 0.6, 0.5, 0.9], [0, 0, 1, 1])
+    assert 0.2 < t <= 0.5
+    assert operating_threshold([0.3, 0.4], [1, 1]) is None  # one class: the argmax rule stays
+    probs = torch.tensor([[0.93, 0.07], [0.97, 0.03], [0.2, 0.8]])  # class 0 positive
+    assert decide(probs, 0, 0.96).tolist() == [1, 0, 1]
+    assert decide(probs, 0, None).tolist() == [0, 0, 1]
+    m = classification_metrics(torch.tensor([1, 0, 1]), probs, 2, positive=0, threshold=0.96)
+    assert (m["f1"], m["accuracy"]) == (1.0, 1.0)
+
+
+@pytest.mark.parametrize("pooling,norm", [("max", "batch"), ("avg", "instance"), ("max", "instance")])
+def test_classifier_variants_train(data, tmp_path, pooling, norm):
+    from models.networks import from_config
+
+    store, version = data
+    config = TrainConfig(task="classification", pooling=pooling, norm=norm, **SMALL)
+    model = from_config(config, 2)
+    assert isinstance(model.avgpool, torch.nn.AdaptiveMaxPool3d if pooling == "max" else torch.nn.AdaptiveAvgPool3d)
+    assert any(isinstance(m, torch.nn.InstanceNorm3d if norm == "instance" else torch.nn.BatchNorm3d)
+               for m in model.modules())
+    train, val = _datasets(store, version, "classification")
+    history = fit(config, train, val, tmp_path / "c", num_classes=2, class_counts={0: 4, 1: 1})["history"]
+    assert min(h["train_loss"] for h in history[1:]) < history[0]["train_loss"]
