@@ -187,6 +187,9 @@ def scan_dicom(local: str, path: str, key: bytes) -> dict[str, Any]:
               and (high_bit is None or high_bit == bits_stored - 1))
     image_type = ds.get("ImageType")
     image_type = "\\".join(str(v) for v in image_type) if image_type else ""
+    if "MOSAIC" in image_type.upper().split("\\"):
+        raise UnsupportedDataError(path, "Siemens mosaic (ImageType MOSAIC): its slices are tiles of one image "
+                                         "and unpacking them is not implemented yet; not converted")
     patient_key = str(ds.get("PatientID", "") or "")
     if not patient_key:
         patient_key = f"{ds.get('PatientName', '')}|{ds.get('PatientBirthDate', '')}"
