@@ -187,8 +187,8 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
         assert catalog.read_table(config.store, "volumes").num_rows == 6
     finally:
         proc.send_signal(signal.SIGINT)
-        # the runner waits for its flow-run subprocess (and that run's Dask cluster) to exit;
-        # on a loaded 2-core machine late in the suite that took over a minute
-        out, _ = proc.communicate(timeout=240)
+        # voxelflow serve exits within a minute of the signal even if Prefect's runner hangs
+        # waiting on a run's subprocess (seen late in the suite on 2 loaded cores)
+        out, _ = proc.communicate(timeout=150)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped" in out

@@ -352,7 +352,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     deps = deployments(config, args.cron, args.timezone)
     print(f"serving {len(deps)} deployments ({', '.join(d.name for d in deps)}); nightly at {args.cron!r} "
           f"{args.timezone}; UI {api.ui_url}/deployments", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    def interrupted(*_):
+        _stop_watchdog(deps, api, float(os.environ.get("VOXELFLOW_SERVE_STOP_S", 60)), args.keep_server)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, interrupted)
+    signal.signal(signal.SIGTERM, interrupted)
     try:
         serve(*deps, print_starting_message=False, limit=args.limit)
     except KeyboardInterrupt:
@@ -362,6 +367,38 @@ def cmd_serve(args: argparse.Namespace) -> int:
             runtime.stop_local_server()
     print("stopped", flush=True)
     return 0
+
+
+def _stop_watchdog(deps: list, api, seconds: float, keep_server: bool) -> None:
+    """After a stop signal, give Prefect's runner ``seconds`` to shut down. It pauses the
+    schedules, then waits for its flow-run subprocesses to close their output; a run that left
+    a process holding that pipe (seen once in a while with a run's Dask workers on a loaded
+    machine) would keep it waiting forever. Then: pause the schedules here and exit."""
+    import threading
+    import time
+
+    def watch() -> None:
+        time.sleep(seconds)
+        print(f"the runner did not stop within {seconds:.0f} s (a run's subprocess still holds it); "
+              "pausing the deployments' schedules and exiting", flush=True)
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                for dep in deps:
+                    found = client.read_deployment_by_name(f"{dep.flow_name}/{dep.name}")
+                    client.pause_deployment(found.id)
+        except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the pause failed
+            print(f"could not pause the schedules: {type(exc).__name__}: {exc}", flush=True)
+        if api.started_here and not keep_server:
+            from voxelflow import runtime
+
+            runtime.stop_local_server()
+        print("stopped", flush=True)
+        os._exit(0)
+
+    if not any(t.name == "voxelflow-stop-watchdog" for t in threading.enumerate()):
+        threading.Thread(target=watch, name="voxelflow-stop-watchdog", daemon=True).start()
 
 
 def build_parser() -> argparse.ArgumentParser:
