@@ -192,3 +192,30 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
         out, _ = proc.communicate(timeout=150)
     assert proc.returncode == 0, out[-3000:]
     assert "stopped" in out
+
+
+@pytest.mark.slow
+def test_the_whole_pipeline_runs_on_a_cluster_started_from_the_command_line(archive, prefect_server, tmp_path):
+    """`dask scheduler` + two `dask worker` processes: every stage of the nightly run (ingest,
+    labels, preprocess, train, infer) runs its tasks there, in the worker processes."""
+    import os
+
+    from distributed import Client
+
+    from flows.nightly import run_nightly
+    from tests.conftest import dask_cli_cluster
+
+    config = _config(archive).model_copy(update={"store": str(tmp_path / "store")})
+    with dask_cli_cluster(tmp_path, prefect_server, ["--nworkers", "2"]) as (sched_file, _):
+        with Client(scheduler_file=str(sched_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=90)
+            address = client.scheduler.address
+            workers = set(client.run(os.getpid).values())
+            summary = run_nightly(config, dask_address=address)
+            # tasks each worker process executed (Prefect tasks of every stage run there)
+            done = client.run(lambda dask_worker: dask_worker.state.executed_count)
+    assert [s["stage"] for s in summary["stages"]] == ["ingest", "labels", "preprocess", "train seg", "infer seg"]
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert sum(done.values()) >= 5 and all(v > 0 for v in done.values()), done
+    predicted = [r for r in catalog.read_table(config.store, "predictions").to_pylist() if r["model"] == "seg"]
+    assert predicted and registry.current(config.store, "seg") is not None
