@@ -112,10 +112,10 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
                  on_epoch=on_epoch, validator=validator)
     location.write_bytes(folder / "weights.pt", location.read_bytes(folder / "best.pt"))
     best = location.torch_load(folder / "weights.pt", map_location=device, weights_only=True)
-    threshold = _tune_threshold(run, best, num_classes, device, train.classes)
-    test_metrics = _evaluate(run, best, num_classes, device, folder, train.classes, threshold)
     history = result["history"]
-    best_row = next(h for h in history if h["epoch"] == result["best_epoch"]) | {"threshold": threshold}
+    best_row = next(h for h in history if h["epoch"] == result["best_epoch"])
+    threshold = best_row.get("threshold")  # tuned by the validator on the best epoch's volumes
+    test_metrics = _evaluate(run, best, num_classes, device, folder, train.classes, threshold)
     metrics = {"validation": best_row, "test": test_metrics, "history": history, "stopped": result["stopped"]}
     config = run.model_dump(exclude={"store"}) | {"classes": train.classes, "threshold": threshold}
     registry.register(run.store, name, version, config=config, snapshot=snapshot, metrics=metrics,
@@ -165,8 +165,9 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, cla
         def validate_classes(models: dict) -> dict[str, float]:
             out = evaluate.classification_volumes(models["model"], root, ids, truths, num_classes, c.patch_size,
                                                   device, positive)
-            # detection: the ranking (ROC-AUC) picks the checkpoint; its operating threshold is
-            # tuned on these volumes afterwards (see _tune_threshold)
+            # detection: the ranking (ROC-AUC) picks the checkpoint, and its operating threshold
+            # is the one that maximises F1 on these volumes. A volume's probability is the
+            # largest of its windows', so the patch-level 0.5 is not a volume-level operating point.
             # (ties broken by the gap between the lowest positive and the highest negative score)
             auc = 0.0 if np.isnan(out["roc_auc"]) else out["roc_auc"]
             if positive is None:
@@ -174,7 +175,7 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, cla
             scores, truth = out["_scores"][:, positive], np.asarray(truths) == positive
             margin = float(scores[truth].min() - scores[~truth].max()) if truth.any() and (~truth).any() else 0.0
             return {"accuracy": out["accuracy"], "f1": out["f1"], "roc_auc": out["roc_auc"], "margin": margin,
-                    "monitor": auc + 0.01 * margin}
+                    "threshold": evaluate.operating_threshold(scores, truth), "monitor": auc + 0.01 * margin}
 
         return validate_classes
     if c.task != "segmentation":
@@ -194,27 +195,6 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, cla
 
 def _monitor(c: TrainConfig) -> str:
     return "roc_auc" if c.task == "classification" and c.positive_class is not None else MONITOR[c.task]
-
-
-def _tune_threshold(run: TrainRun, weights: dict, num_classes: int, device: torch.device,
-                    classes: list[str]) -> float | None:
-    """Binary detection (``positive_class``): the operating threshold on the volume's positive
-    probability that maximises F1 on the validation volumes. A volume's probability is the
-    largest of its windows', so the patch-level 0.5 is not a volume-level operating point.
-    None for other tasks or without both classes in validation."""
-    c = run.train
-    positive = _positive(c, classes) if c.task == "classification" else None
-    if positive is None:
-        return None
-    ids, truths = _volume_classes(run, _split_volumes(run, "validation"), classes)
-    if not ids:
-        return None
-    model = from_config(c, num_classes)
-    model.load_state_dict(weights["model"])
-    model.to(device)
-    scores = evaluate.volume_scores(model, f"{run.store}/preprocessed/{run.version}", ids, c.patch_size, device,
-                                    positive)
-    return evaluate.operating_threshold(scores[:, positive], np.asarray(truths) == positive)
 
 
 def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.device, folder,

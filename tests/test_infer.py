@@ -91,6 +91,13 @@ def test_classification_probabilities_in_the_catalog(trained):
     assert info["config"]["classes"] == ["lesion", "no_lesion"]
     test = info["metrics"]["test"]  # whole test volumes, with patch metrics alongside
     assert test["volumes"] >= 1 and sum(map(sum, test["confusion"])) == test["volumes"] and test["patch_samples"] >= 8
+    # the operating threshold tuned on the best validation epoch is recorded and decides
+    threshold = info["config"]["threshold"]
+    assert threshold == info["metrics"]["validation"]["threshold"]
+    for r in rows:
+        p_lesion = r["probabilities"][0]
+        lesion = p_lesion >= threshold if threshold is not None else p_lesion >= r["probabilities"][1]
+        assert r["prediction"] == ("lesion" if lesion else "no_lesion")
 
 
 def test_volume_classes_come_from_their_windows(tmp_path):
