@@ -95,13 +95,17 @@ def classification(model, batches: list[dict], num_classes: int, device: torch.d
 
 @torch.no_grad()
 def window_probabilities(model, image: torch.Tensor, patch_size, device: torch.device, overlap: float = 0.5,
-                         batch_size: int = 4) -> np.ndarray:
+                         batch_size: int | None = None) -> np.ndarray:
     """Class probabilities of every sliding window over ``image`` ``(1, 1, z, y, x)``:
-    ``(windows, classes)``. Windows are batched (MONAI's splitter pads the border ones)."""
+    ``(windows, classes)``. Windows are batched (default: about 2^18 voxels a batch, 4 windows of
+    24x48x48, 64 slices of 64x64) and overlap by ``overlap`` along every axis longer than one
+    voxel (a slice classifier's windows step one slice). MONAI's splitter pads the border ones."""
     from monai.inferers import SlidingWindowSplitter
 
     model.eval()
-    splitter = SlidingWindowSplitter(patch_size=tuple(int(p) for p in patch_size), overlap=overlap,
+    patch_size = tuple(int(p) for p in patch_size)
+    batch_size = batch_size or max(1, 2**18 // int(np.prod(patch_size)))
+    splitter = SlidingWindowSplitter(patch_size=patch_size, overlap=tuple(overlap if p > 1 else 0.0 for p in patch_size),
                                      pad_mode="constant")
     out, pending = [], []
 

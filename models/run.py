@@ -50,12 +50,13 @@ def _datasets(run: TrainRun):
     transform = OnTheFly(run.augmentation, seed=c.seed) if run.augment else None
     label = _label_name(run)
     train = patch_dataset(run.store, c.patch_size, version=run.version, split="train", samples_per_epoch=n,
-                          seed=c.seed, transform=transform, label_name=label, **kw)
+                          seed=c.seed, transform=transform, label_name=label, cache_mb=c.cache_mb, **kw)
     if kw.get("focus") and not train._focus_entries:
         raise ValueError(f"positive_label {c.positive_label}: no training volume has voxels of that label "
                          f"(preprocessed copy {run.version})")
     val = patch_dataset(run.store, c.patch_size, version=run.version, split="validation",
-                        samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=label, **kw)
+                        samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=label,
+                        cache_mb=c.cache_mb, **kw)
     return train, val
 
 

@@ -17,6 +17,7 @@ from voxelflow.augment import (
     OnTheFly,
     apply,
     output_root,
+    planar_params,
     replay,
     run_local,
     sample_params,
@@ -93,6 +94,31 @@ def test_on_the_fly_is_deterministic_per_sample():
     assert a["params"] == b["params"]
     c = OnTheFly(EVERYTHING, seed=2)(dict(item))
     assert not torch.equal(a["image"], c["image"])
+
+
+def test_a_slice_is_transformed_in_its_plane():
+    """A patch one slice deep (a 2-D classifier's) is rotated about z only and scaled in-plane:
+    a 3-D rotation would tilt it out of its one slice and leave a label of zeros."""
+    label = torch.zeros((1, 1, 32, 32), dtype=torch.int64)
+    label[0, 0, 4:28, 4:28] = 1
+    image = label.float() * 100.0
+    spatial = AugmentConfig(rotate_deg=15, scale=(0.9, 1.1), translate_vox=2, flip_prob=0.5, elastic_prob=1.0,
+                            noise_std=(0, 0), gamma=(1, 1), contrast=(1, 1), bias_prob=0.0)
+    tilted = apply(image, label, sample_params(spatial, np.random.default_rng(0)), torch.device("cpu"))[1]
+    assert tilted.sum() < 0.5 * label.sum()  # the 3-D transform loses the slice
+    for seed in range(5):
+        item = {"image": image, "label": label, "volume_id": "v", "origin": torch.tensor([seed, 0, 0])}
+        out = OnTheFly(spatial, seed=seed)(item)
+        assert out["image"].shape == out["label"].shape == (1, 1, 32, 32)
+        params = json.loads(out["params"])
+        assert len(params["rotate"]) == 1 and len(params["scale"]) == 2 and params["elastic"] is None
+        assert out["label"].sum() > 0.7 * label.sum()  # still the square, turned and scaled in-plane
+        agree = (torch.round(out["image"] / 100).clamp(0, 1).long() == out["label"]).float().mean()
+        assert agree > 0.95
+    p = planar_params({"rotate": [0.1, 0.2, 0.3], "scale": [1.1, 1.2, 1.3], "translate": [1.0, 2.0, 3.0],
+                       "flip": [0, 2], "elastic": {"seed": 1}, "gamma": 1.5})
+    assert p == {"rotate": [0.1], "scale": [1.2, 1.3], "translate": [2.0, 3.0], "flip": [1], "elastic": None,
+                 "gamma": 1.5}
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -45,6 +45,14 @@ def test_export_of_a_non_store_exits_2(tmp_path):
     assert proc.returncode == 2 and "no voxelflow store" in proc.stderr
 
 
+def test_an_unknown_training_setting_exits_2_naming_it(tmp_path):
+    for option in ("--set", "--augment"):
+        proc = voxelflow("train", tmp_path, "--version", "v", option, "rotate=3")
+        assert proc.returncode == 2, proc.stderr
+        assert "unknown" in proc.stderr and "'rotate'" in proc.stderr
+        assert ("AugmentConfig" if option == "--augment" else "TrainConfig") in proc.stderr
+
+
 @pytest.mark.slow
 def test_ingest_then_export(tmp_path, prefect_server):
     write_ct_series(ct_phantom((8, 32, 32)), tmp_path / "src" / "ct", SeriesSpec())

@@ -58,6 +58,34 @@ def test_a_patch_reads_only_the_chunks_it_touches(cube):
         assert len(counting.keys) == len(want) <= 27  # a 20-voxel patch spans at most 3 chunks per axis
 
 
+def test_a_chunk_cache_decodes_each_chunk_once_and_keeps_to_its_budget(cube):
+    root, data, labels, locations = cube
+    counting = CountingStore(LocalStore(str(root), read_only=True))
+    entries = [VolumeEntry("v", (64, 64, 64), locations=locations)]
+    # ten 16^3 int32 image chunks and the label's one 64^3 uint8 chunk
+    budget = (10 * 16 ** 3 * 4 + 64 ** 3) / 2**20
+    ds = ZarrPatchDataset(counting, entries, (20, 20, 20), samples_per_epoch=200, seed=3, cache_mb=budget)
+    for i in range(200):
+        item = ds[i]
+        o = item["origin"].tolist()
+        window = tuple(slice(a, a + 20) for a in o)
+        np.testing.assert_array_equal(item["image"][0].numpy(), data[window])
+        np.testing.assert_array_equal(item["label"][0].numpy(), labels[window])
+        assert ds._cached <= ds.cache_bytes  # least recently used chunks went out
+    reads = [k for k in counting.keys if "/c/" in k]
+    assert len(reads) > 64 + 1  # the budget is smaller than the 64 image chunks: some were read again
+    counting.keys.clear()
+    again = ds[199]  # its chunks were the last used: all cached
+    assert not [k for k in counting.keys if "/c/" in k]
+    assert torch.equal(again["image"], item["image"])
+    unbounded = ZarrPatchDataset(counting, entries, (20, 20, 20), samples_per_epoch=200, seed=3, cache_mb=64)
+    counting.keys.clear()
+    for i in range(200):
+        unbounded[i]
+    reads = [k for k in counting.keys if "/c/" in k]
+    assert len(reads) == len(set(reads))  # every chunk decoded at most once
+
+
 def test_foreground_is_sampled_at_the_configured_rate(cube):
     root, _, labels, locations = cube
     entries = [VolumeEntry("v", (64, 64, 64), locations=locations)]

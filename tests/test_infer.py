@@ -8,6 +8,7 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
+import torch
 import zarr
 
 from models.run import TrainRun, train_model
@@ -29,6 +30,10 @@ def trained(labelled_store):
     for task in ("segmentation", "classification"):
         train_model(TrainRun(store=str(labelled_store), version=pre.version(), name=f"infer-{task}",
                              train=TrainConfig(task=task, **TINY, **(detect if task == "classification" else {}))))
+    # a 2-D slice classifier: patches one slice deep, a stride-2 stem
+    train_model(TrainRun(store=str(labelled_store), version=pre.version(), name="infer-planar",
+                         train=TrainConfig(task="classification", **(TINY | dict(patch_size=(1, 32, 32), batch_size=8)),
+                                           stem_stride=2, **detect)))
     return str(labelled_store)
 
 
@@ -144,7 +149,7 @@ def test_lesion_table_measures_components():
     assert next(r for r in rows if r["voxels"] == 6)["max_probability"] == pytest.approx(0.95)
 
 
-@pytest.mark.parametrize("name", ["infer-segmentation", "infer-classification"])
+@pytest.mark.parametrize("name", ["infer-segmentation", "infer-classification", "infer-planar"])
 def test_torchscript_and_onnx_exports_match_pytorch(trained, name):
     from models.export import export_model
     from voxelflow import registry
@@ -194,6 +199,54 @@ def test_classifier_saliency_is_stored_with_a_qc_image(trained):
     np.testing.assert_allclose(sal.affine, pre.affine)
     values = sal.array[...]
     assert values.min() >= 0 and values.max() == pytest.approx(1.0)
+
+
+def test_a_slice_classifier_classifies_and_explains_whole_volumes(trained):
+    """A classifier on patches one slice deep is a 2-D network (``Planar``); inference slides
+    it over every slice and Grad-CAM explains each slice, on the preprocessed volume's grid."""
+    import json as _json
+    from pathlib import Path
+
+    from models.evaluate import volume_scores, window_probabilities
+    from models.networks import Planar, from_config
+
+    current = registry.current(trained, "infer-planar")
+    folder = registry.version_dir(trained, "infer-planar", current["version"])
+    info = _json.loads((folder / "model.json").read_text())
+    config = TrainConfig(**info["config"]["train"])
+    model = from_config(config, 2)
+    assert isinstance(model, Planar) and isinstance(model.net.conv1, torch.nn.Conv2d)
+    assert model.net.conv1.stride == (2, 2)
+    model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True)["model"])
+    pre_root = f"{trained}/preprocessed/{info['config']['version']}"
+    vid = next(r["volume_id"] for r in catalog.read_table(pre_root, "preprocessed").to_pylist() if r["status"] == "done")
+    vol = st.open_volume(pre_root, vid)
+    image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None]
+    z, y, x = image.shape[2:]
+    windows = window_probabilities(model, image, config.patch_size, torch.device("cpu"))
+    steps = [len(range(0, max(n - 32, 0) + 16, 16)) if n > 32 else 1 for n in (y, x)]
+    assert windows.shape == (z * steps[0] * steps[1], 2)  # every slice, windows overlapping by half in-plane
+    model.eval()
+    with torch.no_grad():  # the first window: slice 0, corner (0, 0), as the 2-D network sees it
+        first = torch.softmax(model.net(image[:, :, 0, :32, :32]), 1)[0].numpy()
+    np.testing.assert_allclose(windows[0], first, atol=1e-5)
+    positive = info["config"]["classes"].index("lesion")
+    score = volume_scores(model, pre_root, [vid], config.patch_size, torch.device("cpu"), positive)[0, positive]
+    assert score == pytest.approx(windows[:, positive].max())
+
+    summary = run_local(InferConfig(store=trained, name="infer-planar", volumes=[vid], explain="all"))
+    assert summary["predicted"] == 1
+    row = next(r for r in catalog.read_table(trained, "predictions").to_pylist()
+               if r["model"] == "infer-planar" and r["volume_id"] == vid)
+    sal = st.open_volume(Path(row["qc_image"]).parent, vid)
+    assert sal.array.shape == vol.array.shape and Path(row["qc_image"]).exists()
+    values = sal.array[...]
+    assert values.min() >= 0 and values.max() == pytest.approx(1.0)
+
+
+def test_patches_one_slice_deep_are_for_classifiers():
+    with pytest.raises(ValueError, match="one voxel deep"):
+        TrainConfig(task="segmentation", patch_size=(1, 64, 64))
 
 
 @pytest.mark.slow

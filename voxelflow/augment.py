@@ -90,13 +90,22 @@ def sample_params(config: AugmentConfig, rng: np.random.Generator) -> dict[str, 
     }
 
 
+def planar_params(params: dict[str, Any]) -> dict[str, Any]:
+    """3-D parameters cut to the (y, x) plane of a ``(C, z, y, x)`` patch one slice deep: the
+    rotation about the z axis, in-plane scale, translation and flips; no elastic deformation
+    (MONAI's is 3-D). Intensity parameters are kept."""
+    return dict(params, rotate=params["rotate"][:1], scale=params["scale"][1:], translate=params["translate"][1:],
+                flip=[axis - 1 for axis in params["flip"] if axis > 0], elastic=None)
+
+
 def device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def apply(image: torch.Tensor, label: torch.Tensor | None, params: dict[str, Any],
           dev: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Apply ``params`` to a channel-first image ``(C, X, Y, Z)`` and its label (same grid).
+    """Apply ``params`` to a channel-first image ``(C, X, Y, Z)`` and its label (same grid),
+    or to a 2-D ``(C, Y, X)`` one with :func:`planar_params`.
 
     Deterministic: the same inputs and parameters give the same output.
     """
@@ -107,9 +116,12 @@ def apply(image: torch.Tensor, label: torch.Tensor | None, params: dict[str, Any
     lab = label.to(dev, torch.float32) if label is not None else None
     affine = dict(rotate_params=params["rotate"], scale_params=params["scale"],
                   translate_params=params["translate"], device=dev, image_only=True)
-    img = Affine(mode="bilinear", padding_mode="border", **affine)(img)
-    if lab is not None:
-        lab = Affine(mode="nearest", padding_mode="zeros", **affine)(lab)
+    if any(params["rotate"]) or any(s != 1 for s in params["scale"]) or any(params["translate"]):
+        img = Affine(mode="bilinear", padding_mode="border", **affine)(img)
+        if lab is not None:
+            lab = Affine(mode="nearest", padding_mode="zeros", **affine)(lab)
+    # else the identity: nothing to resample (MONAI's Affine costs ~2 ms a call in Python
+    # overhead, most of an augmented slice's time)
     if params["flip"]:
         img = Flip(spatial_axis=params["flip"])(img)
         lab = Flip(spatial_axis=params["flip"])(lab) if lab is not None else None
@@ -163,7 +175,13 @@ class OnTheFly:
         tag = int(hashlib.sha256(f"{item['volume_id']}{origin}".encode()).hexdigest()[:8], 16)
         params = sample_params(self.config, np.random.default_rng([self.seed, tag]))
         # patches are (C, z, y, x); MONAI's spatial axes order does not matter for random params
-        img, lab = apply(item["image"], item.get("label"), params, torch.device("cpu"))
+        if item["image"].shape[1] == 1:  # a slice (2-D classifier): in-plane transforms only
+            params = planar_params(params)
+            img, lab = apply(item["image"][:, 0], item["label"][:, 0] if item.get("label") is not None else None,
+                             params, torch.device("cpu"))
+            img, lab = img[:, None], (lab[:, None] if lab is not None else None)
+        else:
+            img, lab = apply(item["image"], item.get("label"), params, torch.device("cpu"))
         item = dict(item, image=img.cpu(), params=json.dumps(params))
         if lab is not None:
             item["label"] = lab.cpu()

@@ -14,10 +14,15 @@ from voxelflow.store import open_volume, write_volume
 
 def gradcam_volume(model, image: torch.Tensor, patch_size, class_index: int, target_layer: str = "layer4") -> np.ndarray:
     """Grad-CAM of ``class_index`` over a ``(1, 1, z, y, x)`` volume, window by window
-    (non-overlapping patches, as classification inference sees it); ``(z, y, x)`` in [0, 1]."""
+    (non-overlapping patches, as classification inference sees it); ``(z, y, x)`` in [0, 1].
+    A slice classifier (:class:`models.networks.Planar`) is explained slice by slice with its
+    2-D network's maps."""
     from monai.visualize import GradCAM
 
-    cam = GradCAM(nn_module=model, target_layers=target_layer)
+    from models.networks import Planar
+
+    planar = isinstance(model, Planar)
+    cam = GradCAM(nn_module=model.net if planar else model, target_layers=target_layer)
     z, y, x = image.shape[-3:]
     pz, py, px = patch_size
     out = np.zeros((z, y, x), np.float32)
@@ -28,7 +33,8 @@ def gradcam_volume(model, image: torch.Tensor, patch_size, class_index: int, tar
             for b in range(0, y, py):
                 for c in range(0, x, px):
                     window = padded[..., a:a + pz, b:b + py, c:c + px].clone().requires_grad_(True)
-                    m = cam(x=window, class_idx=class_index)[0, 0].detach().cpu().numpy()
+                    m = cam(x=window[:, :, 0] if planar else window, class_idx=class_index)[0, 0]
+                    m = m.detach().cpu().numpy().reshape(pz, py, px)
                     out[a:a + pz, b:b + py, c:c + px] = m[: min(pz, z - a), : min(py, y - b), : min(px, x - c)]
     top = out.max()
     return out / top if top > 0 else out
