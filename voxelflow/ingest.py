@@ -168,7 +168,15 @@ def scan_batch(entries: list[InputFile], key: bytes, out_path: str) -> str:
     tmp = f"{out_path}.partial"
     pq.write_table(table, tmp)
     os.replace(tmp, out_path)
+    release_arrow_memory()
     return out_path
+
+
+def release_arrow_memory() -> None:
+    """Hand the memory Arrow's allocator keeps for reuse back to the system. pyarrow's
+    default pool (mimalloc) keeps freed pages of every Parquet read and write; over a
+    10^5-file run that was ~35 MB of resident memory that grew with the archive."""
+    pa.default_memory_pool().release_unused()
 
 
 def dump_batch(entries: list[InputFile]) -> str:
@@ -325,6 +333,7 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
         count += n
     if current:
         batches.append(current)
+    release_arrow_memory()
     return batches, settled
 
 
@@ -455,6 +464,8 @@ def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
             v, f = convert_nifti_file(store, key, records[0], chunk)
         volumes.extend(v)
         files.extend(f)
+    del tables
+    release_arrow_memory()
     return {"volumes": volumes, "files": files}
 
 
