@@ -39,10 +39,11 @@ def keep_largest(pred: np.ndarray | torch.Tensor, classes) -> np.ndarray | torch
 @torch.no_grad()
 def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_classes: int,
                  device: torch.device, label_name: str = "segmentation", largest: tuple[int, ...] = (),
-                 hausdorff: bool = True) -> dict[str, Any]:
+                 hausdorff: bool = True, label_map: dict[int, int] | None = None) -> dict[str, Any]:
     from monai.inferers import sliding_window_inference
     from monai.metrics import compute_hausdorff_distance
 
+    from voxelflow.data import map_labels
     from voxelflow.store import open_label, open_volume
 
     model.eval()
@@ -50,7 +51,7 @@ def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_
     for vid in volume_ids:
         vol = open_volume(store_root, vid)
         image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None].to(device)
-        truth = torch.from_numpy(open_label(store_root, vid, label_name)[...].astype(np.int64))
+        truth = torch.from_numpy(map_labels(open_label(store_root, vid, label_name)[...], label_map))
         with autocast(device, True):
             logits = sliding_window_inference(image, roi_size=tuple(patch_size), sw_batch_size=2,
                                               predictor=model, overlap=0.25, mode="gaussian")

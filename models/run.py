@@ -49,6 +49,7 @@ def _datasets(run: TrainRun):
     n = c.steps_per_epoch * c.batch_size
     transform = OnTheFly(run.augmentation, seed=c.seed) if run.augment else None
     label = _label_name(run)
+    kw = kw | ({"label_map": c.label_map} if c.label_map else {})
     train = patch_dataset(run.store, c.patch_size, version=run.version, split="train", samples_per_epoch=n,
                           seed=c.seed, transform=transform, label_name=label, cache_mb=c.cache_mb, **kw)
     if kw.get("focus") and not train._focus_entries:
@@ -91,10 +92,11 @@ def _class_counts(run: TrainRun, classes: list[str]) -> tuple[dict[int, int], in
                 counts[classes.index(r["label"])] += 1
         return dict(counts), max(2, len(classes))
     counts = defaultdict(int)
+    merged = run.train.label_map
     for r in catalog.read_table(run.store, "labels").to_pylist():
         if r["name"] == run.label_name:
             for v, n in zip(r["values"], r["voxels"]):
-                counts[int(v)] += int(n)
+                counts[merged.get(int(v), int(v))] += int(n)
     return dict(counts), max(2, max(counts, default=1) + 1)
 
 
@@ -187,7 +189,7 @@ def _volume_validator(run: TrainRun, num_classes: int, device: torch.device, cla
 
     def validate(models: dict) -> dict[str, float]:
         out = evaluate.segmentation(models["model"], root, ids, c.patch_size, num_classes, device, run.label_name,
-                                    largest=c.keep_largest, hausdorff=False)
+                                    largest=c.keep_largest, hausdorff=False, label_map=c.label_map)
         dice = 0.0 if np.isnan(out["dice"]) else out["dice"]
         return {"dice": dice, **{k: v for k, v in out.items() if k.startswith("dice_")}, "monitor": dice}
 
@@ -212,7 +214,8 @@ def _evaluate(run: TrainRun, weights: dict, num_classes: int, device: torch.devi
         model.to(device)
     if c.task == "segmentation":
         return evaluate.segmentation(model, root, _split_volumes(run, "test", labelled=True), c.patch_size,
-                                     num_classes, device, run.label_name, largest=c.keep_largest)
+                                     num_classes, device, run.label_name, largest=c.keep_largest,
+                                     label_map=c.label_map)
     test = patch_dataset(run.store, c.patch_size, version=run.version, split="test",
                          samples_per_epoch=max(8, c.val_steps * c.batch_size), seed=c.seed + 2,
                          label_name=_label_name(run), **_classification_sampling(c))

@@ -82,6 +82,10 @@ class TrainConfig(BaseModel):
     cache_mb: float = Field(512, ge=0)
     latent_size: int = 64
     keep_largest: tuple[int, ...] = ()  # segmentation post-processing: classes kept as one component
+    # segmentation: label values merged before training and evaluation, {from: to}; e.g. {2: 1}
+    # makes a liver model of a liver (1) + lesion (2) label map, lesions counted as liver as
+    # in LiTS's liver task (values not named keep theirs; classes are 0..largest value after)
+    label_map: dict[int, int] = {}
     denoise_std: float = 0.1  # autoencoder input noise, in units of the image's std
     # Binary classification as detection: ``positive_class`` is the class a volume has when any
     # window of it shows it (volume probability = the largest window probability); with
@@ -103,6 +107,14 @@ class TrainConfig(BaseModel):
     # a classifier's first convolution's stride (see ``models.networks.build``)
     stem_stride: int = Field(1, ge=1, le=4)
 
+
+    @model_validator(mode="after")
+    def _label_map_only_for_segmentation(self):
+        if self.label_map and self.task != "segmentation":
+            raise ValueError(f"label_map merges segmentation classes; a {self.task} model takes none")
+        if any(k < 0 or v < 0 for k, v in self.label_map.items()):
+            raise ValueError(f"label_map values must be >= 0: {self.label_map}")
+        return self
 
     @model_validator(mode="after")
     def _planar_only_for_classifiers(self):

@@ -157,3 +157,39 @@ def test_classifier_variants_train(data, tmp_path, pooling, norm):
     train, val = _datasets(store, version, "classification")
     history = fit(config, train, val, tmp_path / "c", num_classes=2, class_counts={0: 4, 1: 1})["history"]
     assert min(h["train_loss"] for h in history[1:]) < history[0]["train_loss"]
+
+
+def test_merged_label_values_make_fewer_classes(data):
+    """``label_map={2: 1}``: lesions count as liver, in the patches, the class count, the
+    validation and the test Dice (LiTS's liver task); other tasks refuse a label map."""
+    import numpy as np
+
+    from models.run import TrainRun, _datasets, train_model
+    from voxelflow.data import map_labels
+
+    np.testing.assert_array_equal(map_labels(np.array([[0, 1, 2, 3]], np.uint8), {2: 1}), [[0, 1, 1, 3]])
+    assert map_labels(np.array([0, 2], np.uint8), None).dtype == np.int64
+    store, version = data
+    config = TrainConfig(task="segmentation", label_map={2: 1}, **(SMALL | dict(epochs=1, steps_per_epoch=2)))
+    run = TrainRun(store=store, version=version, name="seg-merged", train=config)
+    train, _ = _datasets(run)
+    plain, _ = _datasets(run.model_copy(update={"train": config.model_copy(update={"label_map": {}})}))
+    train.samples_per_epoch = plain.samples_per_epoch = 64
+    values = set()
+    for i in range(len(train)):
+        merged, original = train[i]["label"], plain[i]["label"]  # the same patches
+        assert torch.equal(merged, torch.where(original == 2, 1, original))
+        values |= set(original.unique().tolist())
+    assert 2 in values  # lesion voxels were there to merge
+    summary = train_model(run)
+    assert set(k for k in summary["test"] if k.startswith("dice_")) == {"dice_1"}
+    folder = registry.version_dir(store, "seg-merged", summary["version"])
+    info = json.loads((folder / "model.json").read_text())
+    assert TrainConfig(**info["config"]["train"]).label_map == {2: 1}  # JSON keys back to ints
+    from models.networks import from_config
+
+    model = from_config(config, 2)  # background and liver: the weights load into two outputs
+    model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True)["model"])
+    with pytest.raises(ValueError, match="label_map"):
+        TrainConfig(task="classification", label_map={2: 1})
+    shutil.rmtree(registry.models_dir(store, "seg-merged"))

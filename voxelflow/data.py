@@ -71,6 +71,7 @@ class ZarrPatchDataset(Dataset):
             such as lesions, which volume-balanced sampling shows too seldom to learn.
         cache_mb: keep up to this many MB of decoded chunks per process (0: none). Each
             DataLoader worker holds its own cache.
+        label_map: label values replaced in every label patch, ``{from: to}`` (merged classes).
     """
 
     def __init__(self, store: Any, entries: list[VolumeEntry], patch_size: tuple[int, int, int], *,
@@ -78,7 +79,8 @@ class ZarrPatchDataset(Dataset):
                  foreground_oversample: float = 1 / 3, class_balanced: bool = False,
                  classes: list[str] | None = None, seed: int = 0, transform=None,
                  class_from_label: tuple[int, int, str] | None = None,
-                 focus: tuple[int, float] | None = None, cache_mb: float = 0):
+                 focus: tuple[int, float] | None = None, cache_mb: float = 0,
+                 label_map: dict[int, int] | None = None):
         if not entries:
             raise ValueError("ZarrPatchDataset needs at least one volume")
         self.store = store
@@ -109,6 +111,7 @@ class ZarrPatchDataset(Dataset):
             raise ValueError("class_balanced sampling needs volumes with a class label")
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._pid = None
+        self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
         self.cache_bytes = int(cache_mb * 2**20)
         self._chunks: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._cached = 0
@@ -218,7 +221,7 @@ class ZarrPatchDataset(Dataset):
         if self.label_name:
             label = self._read(self._array(entry.volume_id, self.label_name), origin, 0,
                                (entry.volume_id, self.label_name))
-            item["label"] = torch.from_numpy(label.astype(np.int64))[None]
+            item["label"] = torch.from_numpy(map_labels(label, self.label_map))[None]
         # -1 for a volume without a class, so batches always collate
         item["class"] = self.classes.index(entry.label) if entry.label in self.classes else -1
         item = self.transform(item) if self.transform else item
@@ -239,6 +242,17 @@ class ZarrPatchDataset(Dataset):
         q = [n // 4 for n in mask.shape]
         centre = mask[q[0]:mask.shape[0] - q[0], q[1]:mask.shape[1] - q[1], q[2]:mask.shape[2] - q[2]]
         return self.classes.index(positive) if int(centre.sum()) >= min_voxels else -1
+
+
+def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
+    """``label`` as int64 with the values ``label_map`` names replaced (``{from: to}``)."""
+    out = label.astype(np.int64)
+    if label_map:
+        lut = np.arange(max(int(out.max(initial=0)), *label_map) + 1, dtype=np.int64)
+        for k, v in label_map.items():
+            lut[int(k)] = int(v)
+        out = lut[out]
+    return out
 
 
 # ----------------------------------------------------------------------------- building
