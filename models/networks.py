@@ -53,8 +53,9 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
                     channels=channels, strides=strides, num_res_units=2, norm="INSTANCE", dropout=dropout)
     if task == "classification":
         # a quarter of ResNet-10's width: 0.9 M parameters, enough for CT volumes and fast on CPU;
-        # a 3-voxel stem without stride or max-pool: the default 7-voxel stride-2 stem and pool
-        # blur away lesions a few voxels across before the first residual block sees them.
+        # a 3-voxel stem without max-pool, and without stride unless ``stem_stride`` asks for
+        # one: MONAI's 7-voxel stride-2 stem and pool blur away lesions a few voxels across
+        # before the first residual block sees them.
         net = resnet10(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels,
                        feed_forward=True, widen_factor=0.25, conv1_t_size=3, conv1_t_stride=int(stem_stride), no_max_pool=True,
                        norm=("instance", {"affine": True}) if norm == "instance" else norm)
