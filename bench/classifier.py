@@ -68,7 +68,7 @@ def prepare(out: Path, patients: int) -> None:
 def train(args) -> None:
     import torch
 
-    from models.run import TrainRun, train_model
+    from models.run import FLIPS_ONLY, TrainRun, train_model
     from models.train import TrainConfig
 
     store = Path(args.store)
@@ -83,7 +83,7 @@ def train(args) -> None:
                          positive_class="lesion", positive_label=2, amp=args.amp,
                          num_workers=args.workers, lr=args.lr, seed=args.seed)
     default = TrainRun.model_fields["augmentation"].default  # spatial: rotation, scale, translation
-    flips = default.model_copy(update=dict(rotate_deg=0.0, scale=(1.0, 1.0), translate_vox=0.0, flip_prob=0.5))
+    flips = type(default)(**default.model_dump() | FLIPS_ONLY)
     run = TrainRun(store=str(store), version=args.version, name=args.name, train=config,
                    augment=args.augment != "none", augmentation=flips if args.augment == "flips" else default)
     if args.budget_s:

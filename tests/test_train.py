@@ -190,6 +190,24 @@ def test_merged_label_values_make_fewer_classes(data):
 
     model = from_config(config, 2)  # background and liver: the weights load into two outputs
     model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True)["model"])
+    # the evaluation merges too: a model that calls every voxel liver scores exactly the Dice of
+    # the merged truth (lesions count as hits), not of the liver label alone
+    from models import evaluate
+    from voxelflow import catalog
+    from voxelflow.store import open_label
+
+    class Everywhere(torch.nn.Module):
+        def forward(self, x):
+            return torch.cat([torch.zeros_like(x), torch.ones_like(x)], 1)
+
+    root = f"{store}/preprocessed/{version}"
+    ids = [r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist() if r["label_digest"]]
+    truths = [open_label(root, v, "segmentation")[...] for v in ids]
+    assert any((t == 2).any() for t in truths)
+    got = evaluate.segmentation(Everywhere(), root, ids, (16, 32, 32), 2, torch.device("cpu"), hausdorff=False,
+                                label_map={2: 1})["dice_1"]
+    want = np.mean([2 * (t > 0).sum() / (t.size + (t > 0).sum()) for t in truths if (t > 0).any()])
+    assert got == pytest.approx(want)
     with pytest.raises(ValueError, match="label_map"):
         TrainConfig(task="classification", label_map={2: 1})
     shutil.rmtree(registry.models_dir(store, "seg-merged"))

@@ -115,11 +115,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "classification": ["steps_per_epoch=100", "batch_size=32", "patch_size=[1,64,64]", "stem_stride=2",
                                "positive_class=lesion", "positive_label=2"],
         }
-        # the classifier's on-the-fly augmentation: flips only. MONAI's Affine costs ~2 ms of
-        # Python a call, 4x a slice's training step; flips and 60 patients (36 for training)
-        # generalise: test F1 1.00 on 12 volumes in a 174 s run on the demo store (README)
-        augment = {"segmentation": [], "classification": ["rotate_deg=0", "scale=[1,1]", "translate_vox=0",
-                                                          "flip_prob=0.5"]}
+        # the classifier's on-the-fly augmentation: flips only (models.run.FLIPS_ONLY); with 60
+        # patients (36 for training) test F1 1.00 on 12 volumes (README)
+        from models.run import FLIPS_ONLY
+
+        augment = {"segmentation": [], "classification": [f"{k}={json.dumps(v)}" for k, v in FLIPS_ONLY.items()]}
         for task in ("segmentation", "classification"):
             cmd_train(argparse.Namespace(
                 store=store, version=version, task=task, config=None, name=None, no_augment=False, gpu=None,
@@ -179,7 +179,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         settings |= json.loads(Path(args.config).read_text())
     settings |= _key_values(args.set, TrainConfig)
     default = TrainRun.model_fields["augmentation"].default  # the training default (spatial only)
-    augmentation = type(default)(**default.model_dump() | _key_values(getattr(args, "augment", None), type(default)))
+    augmentation = type(default)(**default.model_dump() | _key_values(args.augment, type(default)))
     run = TrainRun(store=args.store, version=args.version, name=args.name, train=TrainConfig(**settings),
                    augment=not args.no_augment, augmentation=augmentation)
     api = _prefect_api()
