@@ -7,6 +7,7 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -18,7 +19,7 @@ from flows.progress import RunProgress
 from flows.runner import run_on_dask
 from tasks.ingest import convert_series, scan_headers
 from voxelflow import catalog, ingest
-from voxelflow.io.sources import list_inputs
+from voxelflow.io.sources import iter_inputs
 
 
 def _failed_rows(records: list[dict], reason: str) -> list[dict]:
@@ -35,28 +36,31 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
     scratch = Path(config.scratch) if config.scratch else Path(ingest.default_scratch())
     own_scratch = config.scratch is None
     try:
-        entries = list_inputs(config.sources, scratch / "unpacked")
-        log.info("%d input files from %d sources", len(entries), len(config.sources))
-        progress = RunProgress(2 * len(entries), "scanning headers")
+        # The inputs go to a listing file as they are found (unpacking archives on the way):
+        # this process keeps its path, length and tally, never a list of 10^6 entries.
+        listing = ingest.Listing.write(iter_inputs(config.sources, scratch / "unpacked"),
+                                       scratch / "listing.parquet")
+        log.info("%d input files from %d sources", listing.files, len(config.sources))
+        progress = RunProgress(2 * listing.files, "scanning headers")
 
-        # 1. Headers, in batches on the Dask workers.
-        batches = ingest.make_batches(entries, config.batch_size)
+        # 1. Headers, in batches on the Dask workers, each reading its rows of the listing.
         # Batches and jobs travel as JSON text: Prefect walks list and dict parameters element
         # by element looking for futures (2.6 s per 10^4 files in this process, cProfile).
-        futures = {scan_headers.submit(ingest.dump_batch(b), config.store, config.secret_file,
-                                       str(scratch / "scan" / f"{i:06d}.parquet")): b
-                   for i, b in enumerate(batches)}
+        futures = {scan_headers.submit(ingest.dump_batch(listing, start, stop), config.store, config.secret_file,
+                                       str(scratch / "scan" / f"{i:06d}.parquet")): (start, stop)
+                   for i, (start, stop) in enumerate(listing.batches(config.batch_size))}
         scan_tables: list[str] = []
         files = ingest.FileRows()
         for fut in as_completed(list(futures)):
+            start, stop = futures[fut]
             result = fut.result(raise_on_failure=False)
             if isinstance(result, BaseException):  # after retries: account for the files
-                files += _failed_rows([asdict(e) for e in futures[fut]],
+                files += _failed_rows([asdict(e) for e in listing.read(start, stop)],
                                       f"header scan failed: {type(result).__name__}: {result}")
-                progress.advance(2 * len(futures[fut]))
+                progress.advance(2 * (stop - start))
             else:
                 scan_tables.append(result)
-                progress.advance(len(futures[fut]))
+                progress.advance(stop - start)
 
         # 2. Plan: group by series; files settled by the scan get their rows now.
         previous = ingest.Previous(config.store)
@@ -69,7 +73,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
         conv = {convert_series.submit(json.dumps(jobs), config.store, config.secret_file, config.chunk,
                                       config.keep_localizers, str(scratch / "rows" / f"{i:06d}.parquet")): jobs
                 for i, jobs in enumerate(task_batches)}
-        volumes: list[dict] = []
+        volume_tables: list[pa.Table] = []
         for fut in as_completed(list(conv)):
             jobs = conv[fut]
             n = sum(j["n"] for j in jobs)
@@ -78,14 +82,15 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
                 recs = [r for j in jobs for r in ingest.job_records(j, ["source", "path", "digest"])]
                 files += _failed_rows(recs, f"conversion failed: {type(result).__name__}: {result}")
             else:
-                volumes += result["volumes"]
+                volume_tables.append(pq.read_table(result["volumes_table"]))
                 files.add_table(pq.read_table(result["files_table"]))
             progress.advance(n)
         progress.close()
+        volumes = pa.concat_tables(volume_tables) if volume_tables else catalog.VOLUME_SCHEMA.empty_table()
 
-        ingest.check_accounting(entries, files)
+        ingest.check_accounting(listing, files)
         catalog.update_catalog(config.store, volumes, files)
-        summary = ingest.summarize(volumes, files) | {"gone": len(previous.gone(config.sources, entries))}
+        summary = ingest.summarize(volumes, files) | {"gone": len(previous.gone(config.sources, files))}
     finally:
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from voxelflow import location
 
@@ -123,6 +124,14 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 def merge(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema,
           key: tuple[str, ...]) -> pa.Table:
     """``old`` with the rows of ``new_rows`` replacing those of equal ``key``, sorted by key."""
+    table, order = merge_order(old, new_rows, schema, key)
+    return table.take(order)
+
+
+def merge_order(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema,
+                key: tuple[str, ...]) -> tuple[pa.Table, pa.Array]:
+    """:func:`merge` as the merged rows (unsorted) and the order that sorts them by key, so a
+    large table can be written in sorted slices without a sorted copy of it in memory."""
     new = conform(new_rows, schema) if isinstance(new_rows, pa.Table) else pa.Table.from_pylist(new_rows, schema=schema)
     if old.num_rows == 0:
         merged = new
@@ -133,7 +142,7 @@ def merge(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.S
         index = old.select(list(key)).append_column("_row", pa.array(np.arange(old.num_rows)))
         kept = index.join(new.select(list(key)), keys=list(key), join_type="left anti")["_row"]
         merged = pa.concat_tables([old.take(kept), new])
-    return merged.sort_by([(k, "ascending") for k in key])
+    return merged, pc.sort_indices(merged, sort_keys=[(k, "ascending") for k in key])
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -146,8 +155,8 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def update_catalog(store: str | os.PathLike, volume_rows: list[dict[str, Any]] | pa.Table,
-                   file_rows: list[dict[str, Any]] | pa.Table | Any) -> tuple[pa.Table, pa.Table]:
-    """Merge a run's rows into the catalog and write both tables. Returns them. Rows are
+                   file_rows: list[dict[str, Any]] | pa.Table | Any) -> None:
+    """Merge a run's rows into the catalog and write both tables, sorted by key. Rows are
     dicts or Arrow tables (or anything with a ``table()`` method giving one, such as
     :class:`voxelflow.ingest.FileRows`)."""
     if hasattr(file_rows, "table"):
@@ -157,8 +166,7 @@ def update_catalog(store: str | os.PathLike, volume_rows: list[dict[str, Any]] |
     bad = set(statuses) - set(STATUSES)
     if bad:
         raise ValueError(f"file rows with unknown status {sorted(bad)}; expected one of {STATUSES}")
-    volumes = merge(read_table(store, "volumes"), volume_rows, VOLUME_SCHEMA, ("volume_id",))
-    files = merge(read_table(store, "files"), file_rows, FILE_SCHEMA, ("source", "path"))
-    _write_atomic(volumes, catalog_dir(store) / "volumes.parquet")
-    _write_atomic(files, catalog_dir(store) / "files.parquet")
-    return volumes, files
+    for name, rows, schema, key in (("volumes", volume_rows, VOLUME_SCHEMA, ("volume_id",)),
+                                    ("files", file_rows, FILE_SCHEMA, ("source", "path"))):
+        table, order = merge_order(read_table(store, name), rows, schema, key)
+        location.write_parquet(table, catalog_dir(store) / f"{name}.parquet", order=order)

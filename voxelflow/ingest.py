@@ -14,6 +14,7 @@ import os
 import sys
 import tempfile
 from collections import defaultdict
+from collections.abc import Iterable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -161,12 +162,14 @@ def file_digest(fh, head: bytes = b"", complete: bool = False) -> str:
 
 
 def scan_batch(entries: list[InputFile], key: bytes, out_path: str) -> str:
-    """Scan a batch of files and write their records to a Parquet file. Returns its path."""
-    records = [classify_file(e, key) for e in entries]
-    table = pa.Table.from_pylist(records, schema=SCAN_SCHEMA)
+    """Scan a batch of files and write their records to a Parquet file, a row group at a time
+    (a task's memory stays the same whatever its batch size). Returns the file's path."""
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out_path}.partial"
-    pq.write_table(table, tmp)
+    with pq.ParquetWriter(tmp, SCAN_SCHEMA) as writer:
+        for i in range(0, max(len(entries), 1), LISTING_GROUP):
+            records = [classify_file(e, key) for e in entries[i:i + LISTING_GROUP]]
+            writer.write_table(pa.Table.from_pylist(records, schema=SCAN_SCHEMA))
     os.replace(tmp, out_path)
     release_arrow_memory()
     return out_path
@@ -179,21 +182,126 @@ def release_arrow_memory() -> None:
     pa.default_memory_pool().release_unused()
 
 
-def dump_batch(entries: list[InputFile]) -> str:
-    """A scan batch as compact JSON text (a task parameter Prefect does not walk)."""
-    return json.dumps([[e.source, e.path, e.local, e.reason] for e in entries])
+# ----------------------------------------------------------------------------- the listing
+
+LISTING_SCHEMA = pa.schema([("source", pa.string()), ("path", pa.string()), ("local", pa.string()),
+                            ("reason", pa.string())])
+# Rows per row group of the listing and of scan tables: the unit a task reads or writes at once.
+LISTING_GROUP = 4096
+_MASK128 = (1 << 128) - 1
+
+
+class KeyTally:
+    """An order-independent fingerprint of a multiset of ``(source, path)`` keys: their count
+    and the sum of their XXH3-128 hashes modulo 2^128. Equal multisets give equal tallies; a
+    missing, extra or duplicated key changes the sum unless 128-bit hashes collide. It lets
+    accounting check 10^6 inputs against their rows without holding either set in memory."""
+
+    __slots__ = ("count", "total")
+
+    def __init__(self) -> None:
+        self.count, self.total = 0, 0
+
+    def add(self, sources: list[str], paths: list[str]) -> None:
+        h = xxhash.xxh3_128_intdigest
+        self.total = (self.total + sum(h(f"{s}\0{p}".encode("utf-8", "surrogatepass"))
+                                       for s, p in zip(sources, paths))) & _MASK128
+        self.count += len(paths)
+
+    def add_table(self, table: pa.Table) -> KeyTally:
+        """Add the keys of a table with ``source`` and ``path`` columns, a slice at a time."""
+        for batch in table.select(["source", "path"]).to_batches(max_chunksize=65536):
+            self.add(batch.column(0).to_pylist(), batch.column(1).to_pylist())
+        return self
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, KeyTally) and (self.count, self.total) == (other.count, other.total)
+
+    def __repr__(self) -> str:
+        return f"KeyTally({self.count} keys, {self.total:032x})"
+
+
+class Listing:
+    """The run's input files, as found, in a Parquet file in the scratch folder (row groups
+    of :data:`LISTING_GROUP`): the flow and the library keep only its path, its length and the
+    keys' tally, so their memory does not grow with the archive. Scan tasks read their slice.
+
+    Attributes:
+        path: the Parquet file.
+        files: how many inputs it lists.
+        tally: :class:`KeyTally` of its keys (what accounting checks the run's rows against).
+    """
+
+    def __init__(self, path: str, files: int, tally: KeyTally):
+        self.path, self.files, self.tally = path, files, tally
+
+    @classmethod
+    def write(cls, entries: Iterable[InputFile], out_path: str | os.PathLike) -> Listing:
+        """Write ``entries`` (an iterator: :func:`voxelflow.io.sources.iter_inputs`) as they come."""
+        out_path = str(out_path)
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{out_path}.partial"
+        tally, group = KeyTally(), []
+
+        def flush(writer: pq.ParquetWriter) -> None:
+            columns = list(zip(*((e.source, e.path, e.local, e.reason) for e in group))) or [[]] * 4
+            tally.add(columns[0], columns[1])
+            writer.write_table(pa.table([pa.array(c, pa.string()) for c in columns], schema=LISTING_SCHEMA))
+            group.clear()
+
+        with pq.ParquetWriter(tmp, LISTING_SCHEMA) as writer:
+            for entry in entries:
+                group.append(entry)
+                if len(group) == LISTING_GROUP:
+                    flush(writer)
+            if group or not tally.count:
+                flush(writer)
+        os.replace(tmp, out_path)
+        return cls(out_path, tally.count, tally)
+
+    def read(self, start: int = 0, stop: int | None = None) -> list[InputFile]:
+        """Entries ``start`` to ``stop`` (reading only the row groups that hold them)."""
+        return read_listing(self.path, start, self.files if stop is None else stop)
+
+    def keys(self) -> pa.Table:
+        """All ``(source, path)`` keys (for diagnostics and for :meth:`Previous.gone`)."""
+        return pq.read_table(self.path, columns=["source", "path"])
+
+    def batches(self, batch_size: int | None = None) -> list[tuple[int, int]]:
+        """Scan batches as ``(start, stop)`` rows: ``batch_size`` files (default: up to 1024,
+        in at least 8 batches so small archives spread over the workers); larger when that
+        gives more than :data:`MAX_TASKS`."""
+        n = self.files
+        size = batch_size or max(1, min(1024, -(-n // 8)))
+        size = max(size, -(-n // MAX_TASKS))
+        return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def read_listing(path: str, start: int, stop: int) -> list[InputFile]:
+    """Entries ``start`` to ``stop`` of a listing file, reading only the row groups that hold them."""
+    pf = pq.ParquetFile(path)
+    groups, first, offset = [], None, 0
+    for g in range(pf.metadata.num_row_groups):
+        rows = pf.metadata.row_group(g).num_rows
+        if offset + rows > start and offset < stop:
+            groups.append(g)
+            first = offset if first is None else first
+        offset += rows
+    if not groups:
+        return []
+    table = pf.read_row_groups(groups).slice(start - first, stop - start)
+    return [InputFile(*values) for values in zip(*(table[c].to_pylist() for c in LISTING_SCHEMA.names))]
+
+
+def dump_batch(listing: Listing, start: int, stop: int) -> str:
+    """A scan batch as compact JSON text (a task parameter Prefect does not walk): the listing
+    file and the rows to scan, never the entries themselves."""
+    return json.dumps([listing.path, start, stop])
 
 
 def load_batch(text: str) -> list[InputFile]:
-    return [InputFile(*values) for values in json.loads(text)]
-
-
-def make_batches(entries: list[InputFile], batch_size: int | None = None) -> list[list[InputFile]]:
-    """Scan batches of ``batch_size`` files (default: up to 1024, in at least 8 batches so small
-    archives spread over the workers); larger when that gives more than :data:`MAX_TASKS`."""
-    size = batch_size or max(1, min(1024, -(-len(entries) // 8)))
-    size = max(size, -(-len(entries) // MAX_TASKS))
-    return [entries[i:i + size] for i in range(0, len(entries), size)]
+    path, start, stop = json.loads(text)
+    return read_listing(path, start, stop)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -234,12 +342,19 @@ class Previous:
             return None
         return rows
 
-    def gone(self, sources: list[str], entries: list) -> list[dict]:
+    def gone(self, sources: list[str], run_rows: FileRows | pa.Table) -> list[dict]:
         """Rows of earlier runs from these sources whose files are no longer there (their
-        volumes are kept; the summary reports them)."""
-        here = {(e.source, e.path) for e in entries}
+        volumes are kept; the summary reports them). ``run_rows``: this run's ``files`` rows,
+        one per input (:func:`check_accounting`)."""
         wanted = set(sources)
-        return [r for k, r in self.files.items() if r["source"] in wanted and k not in here]
+        old = [k for k, r in self.files.items() if r["source"] in wanted]
+        if not old:
+            return []
+        here = run_rows.table() if isinstance(run_rows, FileRows) else run_rows
+        old_keys = pa.table({"source": pa.array([k[0] for k in old], pa.string()),
+                             "path": pa.array([k[1] for k in old], pa.string())})
+        gone = old_keys.join(here.select(["source", "path"]), keys=["source", "path"], join_type="left anti")
+        return [self.files[k] for k in zip(gone["source"].to_pylist(), gone["path"].to_pylist())]
 
 
 # What planning reads of the scan tables; the full records stay on disk until a conversion
@@ -248,26 +363,48 @@ class Previous:
 PLAN_COLUMNS = ["source", "path", "kind", "status", "reason", "series", "digest"]
 
 
-def _refs(items: list[tuple[str, int]]) -> list[list]:
-    """``[[scan_table, [row, ...]], ...]`` for ``(scan_table, row)`` pairs, in their order."""
-    out: dict[str, list[int]] = {}
-    for table, row in items:
-        out.setdefault(table, []).append(row)
-    return [[t, rows] for t, rows in out.items()]
+def _runs(rows) -> list[list[int]]:
+    """Row numbers as sorted ``[start, stop)`` runs: a series' files mostly sit together in its
+    scan table (the listing walks folders in order), so a job's references stay a few numbers
+    however many files it has."""
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    if not len(rows):
+        return []
+    breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+    starts = rows[np.r_[0, breaks]]
+    stops = rows[np.r_[breaks - 1, len(rows) - 1]] + 1
+    return [[int(a), int(b)] for a, b in zip(starts, stops)]
 
 
-def job_records(job: dict, columns: list[str] | None = None, tables: dict | None = None) -> list[dict]:
+def _rows(runs: list[list[int]]) -> np.ndarray:
+    return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs]) if runs else np.empty(0, np.int64)
+
+
+def read_job_tables(jobs: list[dict], columns: list[str] | None = None) -> dict[str, tuple[np.ndarray, pa.Table]]:
+    """The rows a batch of jobs refers to, each scan table read once: ``{scan_table: (rows,
+    table of those rows)}``, for :func:`job_records`. Only the task's own rows are kept."""
+    wanted: dict[str, list[np.ndarray]] = defaultdict(list)
+    for job in jobs:
+        for path, runs in job["refs"]:
+            wanted[path].append(_rows(runs))
+    out = {}
+    for path, parts in wanted.items():
+        rows = np.unique(np.concatenate(parts))
+        out[path] = (rows, pq.read_table(path, columns=columns).take(rows))
+    release_arrow_memory()
+    return out
+
+
+def job_records(job: dict, columns: list[str] | None = None,
+                tables: dict[str, tuple[np.ndarray, pa.Table]] | None = None) -> list[dict]:
     """The scan records of a conversion job, read from the scan tables it refers to
-    (``tables``: a cache of tables already read, by path)."""
+    (``tables``: what :func:`read_job_tables` read for its batch)."""
+    if tables is None:
+        tables = read_job_tables([job], columns)
     records: list[dict] = []
-    for path, rows in job["refs"]:
-        if tables is not None:
-            if path not in tables:
-                tables[path] = pq.read_table(path, columns=columns)
-            table = tables[path]
-        else:
-            table = pq.read_table(path, columns=columns)
-        records += table.take(rows).to_pylist()
+    for path, runs in job["refs"]:
+        rows, table = tables[path]
+        records += table.take(np.searchsorted(rows, _rows(runs))).to_pylist()
     return records
 
 
@@ -280,43 +417,55 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
         ``files_per_task`` files (a large series is a task of its own), and the ``files``
         rows of files already settled by the scan, or unchanged since an earlier run
         (``previous``; marked ``"unchanged": True``, their volumes left as they are).
-        A job is ``{"kind": "dicom" | "nifti", "series": ..., "refs": [[scan_table, [row,
-        ...]], ...], "n": files}``; :func:`job_records` reads its records.
+        A job is ``{"kind": "dicom" | "nifti", "series": ..., "refs": [[scan_table, [[start,
+        stop], ...]], ...], "n": files}``; :func:`job_records` reads its records.
     """
     settled: list[dict] = []
-    # per series: (table, row) of each file, and (source, path, digest) when an earlier run
-    # must be compared with (tuples, not dicts: 10^6 files must fit)
+    # per series, its files in each scan table: (table, row numbers) on a first run; on an
+    # incremental run (table, row, source, path, digest) per file, to compare with the last run
     series: dict[str, list[tuple]] = defaultdict(list)
     jobs: list[dict] = []
     incremental = previous is not None and bool(previous.files)
     for path in scan_tables:
-        cols = pq.read_table(path, columns=PLAN_COLUMNS).to_pydict()
-        source, kind, status, uid = cols["source"], cols["kind"], cols["status"], cols["series"]
-        for i in range(len(cols["path"])):
-            if status[i]:
-                settled.append({"source": source[i], "path": cols["path"][i], "status": status[i],
-                                "reason": cols["reason"][i], "volume_id": None, "digest": cols["digest"][i]})
-            elif kind[i] == "dicom":
-                series[uid[i]].append((path, i, sys.intern(source[i]), cols["path"][i], cols["digest"][i])
-                                      if incremental else (path, i))
-            elif incremental and (old := previous.same({"source": source[i], "path": cols["path"][i],
-                                                        "digest": cols["digest"][i]})) \
-                    and old["status"] == "converted":
+        table = pq.read_table(path, columns=PLAN_COLUMNS)
+        table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
+        done = pc.fill_null(pc.not_equal(table["status"], ""), False)
+        settled += [r | {"volume_id": None} for r in
+                    table.filter(done).select(["source", "path", "status", "reason", "digest"]).to_pylist()]
+        table = table.filter(pc.invert(done))
+        dicom = pc.equal(table["kind"], "dicom")
+        for r in table.filter(pc.invert(dicom)).select(["source", "path", "digest", "_row"]).to_pylist():
+            old = previous.same(r) if incremental else None
+            if old is not None and old["status"] == "converted":
                 settled.append(old | {"unchanged": True})
             else:
-                jobs.append({"kind": "nifti", "series": None, "refs": [[path, [i]]], "n": 1})
+                jobs.append({"kind": "nifti", "series": None, "refs": [[path, _runs([r["_row"]])]], "n": 1})
+        table = table.filter(dicom)
+        if incremental:
+            for uid, row, src, p, digest in zip(*(table[c].to_pylist() for c in
+                                                   ("series", "_row", "source", "path", "digest"))):
+                series[uid].append((path, row, sys.intern(src), p, digest))
+        else:
+            for group in table.group_by("series").aggregate([("_row", "list")]).to_pylist():
+                series[group["series"]].append((path, np.asarray(group["_row_list"], dtype=np.int64)))
+        del table
     for uid in sorted(series):
         items = series.pop(uid)  # frees the planning records as we go
-        old_rows = None
         if incremental:
-            recs = [{"source": s, "path": p, "digest": d} for _, _, s, p, d in items]
-            old_rows = previous.unchanged_series(uid, recs)
-        if old_rows is not None:
-            settled.extend(r | {"unchanged": True} for r in old_rows)
-        else:
-            jobs.append({"kind": "dicom", "series": uid, "refs": _refs([(t[0], t[1]) for t in items]),
-                         "n": len(items)})
-    jobs.sort(key=lambda j: -j["n"])
+            old_rows = previous.unchanged_series(uid, [{"source": s, "path": p, "digest": d}
+                                                       for _, _, s, p, d in items])
+            if old_rows is not None:
+                settled.extend(r | {"unchanged": True} for r in old_rows)
+                continue
+            by_table: dict[str, list[int]] = defaultdict(list)
+            for t, row, *_ in items:
+                by_table[t].append(row)
+            items = list(by_table.items())
+        refs = [[t, _runs(rows)] for t, rows in items]
+        jobs.append({"kind": "dicom", "series": uid, "refs": refs, "n": sum(len(_rows(r)) for _, r in refs)})
+    # Jobs in scan order (a task's jobs then share few scan tables), packed; the largest
+    # batches go first so a big series does not start last.
+    jobs.sort(key=lambda j: (j["refs"][0][0], j["refs"][0][1][0][0]))
     # Aim for at least ~8 tasks when there is enough work, so small archives still spread
     # over the workers, and at most ~MAX_TASKS; a series is never split.
     total = sum(j["n"] for j in jobs)
@@ -333,6 +482,7 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
         count += n
     if current:
         batches.append(current)
+    batches.sort(key=lambda b: -sum(j["n"] for j in b))
     release_arrow_memory()
     return batches, settled
 
@@ -455,7 +605,7 @@ def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
     """Run a batch of jobs; returns ``{"volumes": [...], "files": [...]}`` rows."""
     volumes: list[dict] = []
     files: list[dict] = []
-    tables: dict = {}  # the jobs of one task mostly share their scan tables
+    tables = read_job_tables(jobs)  # each scan table once, only this task's rows kept
     for job in jobs:
         records = job_records(job, tables=tables)
         if job["kind"] == "dicom":
@@ -476,13 +626,15 @@ FILE_ROW_SCHEMA = catalog.FILE_SCHEMA.append(pa.field("unchanged", pa.bool_()))
 
 class FileRows:
     """A run's ``files`` rows, held as Arrow tables: at 10^5-10^6 files a list of dicts costs
-    ~600 bytes a row against ~150 here. ``rows += [dict, ...]`` appends."""
+    ~600 bytes a row against ~150 here. ``rows += [dict, ...]`` appends. The keys' tally is
+    kept as rows arrive, so accounting needs no second pass over them."""
 
     BATCH = 8192
 
     def __init__(self, rows: list[dict] | None = None):
         self._tables: list[pa.Table] = []
         self._pending: list[dict] = list(rows or [])
+        self.tally = KeyTally()
         self._flush(force=False)
 
     def __iadd__(self, rows: list[dict]) -> FileRows:
@@ -492,33 +644,38 @@ class FileRows:
 
     def _flush(self, force: bool) -> None:
         if self._pending and (force or len(self._pending) >= self.BATCH):
-            self._tables.append(pa.Table.from_pylist(self._pending, schema=FILE_ROW_SCHEMA))
+            self._append(pa.Table.from_pylist(self._pending, schema=FILE_ROW_SCHEMA))
             self._pending = []
 
+    def _append(self, table: pa.Table) -> None:
+        self.tally.add_table(table)
+        self._tables.append(table)
+
     def add_table(self, table: pa.Table) -> None:
-        """Append rows already in Arrow (as :func:`write_file_rows` writes them)."""
+        """Append rows already in Arrow (as :func:`write_rows` writes them)."""
         self._flush(force=True)
-        self._tables.append(table.select(FILE_ROW_SCHEMA.names).cast(FILE_ROW_SCHEMA))
+        self._append(table.select(FILE_ROW_SCHEMA.names).cast(FILE_ROW_SCHEMA))
 
     def table(self) -> pa.Table:
+        """All rows, as one table of many chunks (concatenated without copying)."""
         self._flush(force=True)
         if not self._tables:
             return FILE_ROW_SCHEMA.empty_table()
         if len(self._tables) > 1:
-            self._tables = [pa.concat_tables(self._tables).combine_chunks()]
+            self._tables = [pa.concat_tables(self._tables)]
         return self._tables[0]
 
     def __len__(self) -> int:
         return sum(t.num_rows for t in self._tables) + len(self._pending)
 
 
-def write_file_rows(rows: list[dict], out_path: str) -> str:
-    """``files`` rows as a Parquet file (atomically); returns its path. Conversion tasks hand
-    their rows over this way: a task's return value stays in the memory of its Dask worker and
-    of the flow until the run ends, a path is small."""
+def write_rows(rows: list[dict], schema: pa.Schema, out_path: str) -> str:
+    """Catalog rows as a Parquet file (atomically); returns its path. Conversion tasks hand
+    their ``files`` and ``volumes`` rows over this way: a task's return value stays in the
+    memory of its Dask worker and of the flow until the run ends, a path is small."""
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out_path}.partial"
-    pq.write_table(pa.Table.from_pylist(rows, schema=FILE_ROW_SCHEMA), tmp)
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
     os.replace(tmp, out_path)
     return out_path
 
@@ -526,8 +683,9 @@ def write_file_rows(rows: list[dict], out_path: str) -> str:
 # ----------------------------------------------------------------------------- summary
 
 
-def summarize(volumes: list[dict], files: FileRows | list[dict]) -> dict[str, Any]:
+def summarize(volumes: list[dict] | pa.Table, files: FileRows | list[dict]) -> dict[str, Any]:
     table = files.table() if isinstance(files, FileRows) else FileRows(files).table()
+    shapes = volumes["shape"].to_pylist() if isinstance(volumes, pa.Table) else [v["shape"] for v in volumes]
     counts = {s: 0 for s in catalog.STATUSES}
     for item in pc.value_counts(table["status"]).to_pylist():
         counts[item["values"]] += item["counts"]
@@ -537,7 +695,7 @@ def summarize(volumes: list[dict], files: FileRows | list[dict]) -> dict[str, An
     return {
         "files": table.num_rows, **counts, "volumes": len(volumes),
         "unchanged": int(pc.sum(pc.fill_null(table["unchanged"], False)).as_py() or 0),
-        "voxels": int(sum(int(np.prod(v["shape"])) for v in volumes)),
+        "voxels": int(sum(int(np.prod(shape)) for shape in shapes)),
         "top_reasons": [{"files": r["path_count"], "status": r["status"], "reason": r["reason"]} for r in top],
     }
 
@@ -546,17 +704,24 @@ def default_scratch() -> str:
     return tempfile.mkdtemp(prefix="voxelflow-scratch-")
 
 
-def check_accounting(entries: list[InputFile], files: FileRows | list[dict]) -> None:
-    """Every input has exactly one row. A violation is a bug in voxelflow: fail loudly."""
-    table = files.table() if isinstance(files, FileRows) else FileRows(files).table()
-    keys = [("source", "ascending"), ("path", "ascending")]
-    want = pa.table({"source": pa.array([e.source for e in entries], pa.string()),
-                     "path": pa.array([e.path for e in entries], pa.string())}).sort_by(keys)
-    got = table.select(["source", "path"]).sort_by(keys)
-    if want.equals(got):
+def check_accounting(inputs: Listing | list[InputFile], files: FileRows | list[dict]) -> None:
+    """Every input has exactly one row. A violation is a bug in voxelflow: fail loudly.
+
+    The check compares :class:`KeyTally` fingerprints, so neither side is held as a set; only
+    when they differ are the keys read to say which are missing, unexpected or duplicated."""
+    files = files if isinstance(files, FileRows) else FileRows(files)
+    table = files.table()
+    if isinstance(inputs, Listing):
+        want_tally, want_keys = inputs.tally, inputs.keys
+    else:
+        keys = pa.table({"source": pa.array([e.source for e in inputs], pa.string()),
+                         "path": pa.array([e.path for e in inputs], pa.string())})
+        want_tally, want_keys = KeyTally().add_table(keys), lambda: keys
+    if files.tally == want_tally:
         return
+    want = want_keys()
     want_set = set(zip(want["source"].to_pylist(), want["path"].to_pylist()))
-    got_list = list(zip(got["source"].to_pylist(), got["path"].to_pylist()))
+    got_list = list(zip(table["source"].to_pylist(), table["path"].to_pylist()))
     missing = sorted(want_set - set(got_list))[:5]
     extra = sorted(set(got_list) - want_set)[:5]
     dup = len(got_list) - len(set(got_list))
@@ -569,15 +734,15 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
     tested against, and handy in a notebook. Same store, catalog and accounting."""
     import shutil
 
-    from voxelflow.io.sources import list_inputs
+    from voxelflow.io.sources import iter_inputs
 
     prepare_store(config.store, config.secret_file)
     key = store_key(config.store, config.secret_file)
     scratch = Path(config.scratch or default_scratch())
     try:
-        entries = list_inputs(config.sources, scratch / "unpacked")
-        tables = [scan_batch(b, key, str(scratch / "scan" / f"{i:06d}.parquet"))
-                  for i, b in enumerate(make_batches(entries, config.batch_size))]
+        listing = Listing.write(iter_inputs(config.sources, scratch / "unpacked"), scratch / "listing.parquet")
+        tables = [scan_batch(listing.read(start, stop), key, str(scratch / "scan" / f"{i:06d}.parquet"))
+                  for i, (start, stop) in enumerate(listing.batches(config.batch_size))]
         previous = Previous(config.store)
         task_batches, settled = plan_jobs(tables, config.files_per_task, previous)
         files = FileRows(settled)
@@ -586,9 +751,9 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
             rows = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
             volumes += rows["volumes"]
             files += rows["files"]
-        check_accounting(entries, files)
+        check_accounting(listing, files)
         catalog.update_catalog(config.store, volumes, files)
     finally:
         if not config.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    return summarize(volumes, files) | {"store": config.store, "gone": len(previous.gone(config.sources, entries))}
+    return summarize(volumes, files) | {"store": config.store, "gone": len(previous.gone(config.sources, files))}

@@ -110,11 +110,32 @@ def read_parquet(source: Any):
     return pq.read_table(source)
 
 
-def write_parquet(table, target: Any) -> None:
-    """Write a Parquet file (zstd) atomically (see :func:`write_bytes`)."""
+def write_parquet(table, target: Any, row_group: int = 16384, order=None) -> None:
+    """Write a Parquet file (zstd) atomically (see :func:`write_bytes`), a row group at a time
+    (``order``: row numbers to write the rows in): encoding or sorting a whole 10^6-row
+    catalog at once held several copies of it in memory."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    write_bytes(target, sink.getvalue().to_pybytes())
+    def write(sink) -> None:
+        with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
+            for start in range(0, max(table.num_rows, 1), row_group):
+                writer.write_table(table.slice(start, row_group) if order is None
+                                   else table.take(order[start:start + row_group]))
+                # Arrow's allocator keeps freed pages for reuse: each slice taken would stay
+                # resident until the process ends
+                pa.default_memory_pool().release_unused()
+
+    if is_url(target):
+        sink = pa.BufferOutputStream()
+        write(sink)
+        write_bytes(target, sink.getvalue().to_pybytes())
+        return
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -75,7 +75,7 @@ def _copy_limited(src, out, limit: int, budget: _Budget) -> int:
         out.write(block)
 
 
-@dataclass(frozen=True, slots=True)  # slots: 10^6 of them in memory at once
+@dataclass(frozen=True, slots=True)
 class InputFile:
     """One input file.
 
@@ -109,19 +109,21 @@ def _safe_member_name(name: str) -> str | None:
 
 
 def _walk_folder(source: str, root: Path) -> Iterator[InputFile]:
-    entries: list[InputFile] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False,
-                                                onerror=None):
+    """The files under ``root`` as they are found (folders in name order, each folder's files
+    by name), so a 10^6-file export is never held as one list."""
+    # os.path on strings, not pathlib: pathlib interns every path component it parses, and
+    # that table only grows over a walk of 10^6 files.
+    top = os.fspath(root)
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=False, onerror=None):
         dirnames.sort()
-        for name in filenames:
-            full = Path(dirpath) / name
-            rel = full.relative_to(root).as_posix()
-            if full.is_symlink() and not full.exists():
-                entries.append(InputFile(source, rel, "", "broken symbolic link"))
+        prefix = os.path.relpath(dirpath, top).replace(os.sep, "/")
+        prefix = "" if prefix == "." else prefix + "/"
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            if os.path.islink(full) and not os.path.exists(full):
+                yield InputFile(source, prefix + name, "", "broken symbolic link")
             else:
-                entries.append(InputFile(source, rel, str(full)))
-    entries.sort(key=lambda e: e.path)
-    yield from entries
+                yield InputFile(source, prefix + name, full)
 
 
 def _extract_member(source: str, dest: Path, name: str, refusal: str, open_member,
@@ -186,30 +188,28 @@ def _extract_tar(source: str, archive: Path, dest: Path, budget: _Budget, prefix
 
 
 def _extract(source: str, archive: Path, dest: Path, budget: _Budget, prefix: str = "",
-             depth: int = 0) -> list[InputFile]:
-    """Every member of an archive, nested archives unpacked in turn (up to the depth limit):
-    a nested archive's members are named ``<archive member>/<member>``. An archive that cannot
-    be read is one rejected entry."""
+             depth: int = 0) -> Iterator[InputFile]:
+    """Every member of an archive, as it is unpacked, nested archives unpacked in turn (up to
+    the depth limit): a nested archive's members are named ``<archive member>/<member>``. An
+    archive that cannot be read (or stops being readable part-way) is one rejected entry."""
     dest.mkdir(parents=True, exist_ok=True)
     extract = _extract_zip if archive.name.lower().endswith(".zip") else _extract_tar
-    out: list[InputFile] = []
     try:
         for entry in extract(source, archive, dest, budget, prefix):
             if entry.local and is_archive(entry.path):
                 if depth + 1 > budget.limits.depth:
-                    out.append(InputFile(source, entry.path, "", f"archive nested deeper than "
-                                                                 f"{budget.limits.depth} levels; not unpacked"))
+                    yield InputFile(source, entry.path, "", f"archive nested deeper than "
+                                                            f"{budget.limits.depth} levels; not unpacked")
                 else:
                     inner = Path(entry.local)
-                    out.extend(_extract(source, inner, inner.with_name(inner.name + ".unpacked"), budget,
-                                        entry.path + "/", depth + 1))
+                    yield from _extract(source, inner, inner.with_name(inner.name + ".unpacked"), budget,
+                                        entry.path + "/", depth + 1)
                     inner.unlink(missing_ok=True)  # its members are the inputs now
                 continue
-            out.append(entry)
+            yield entry
     except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
-        out.append(InputFile(source, prefix.rstrip("/") or archive.name, "",
-                             f"archive cannot be read: {type(exc).__name__}: {exc}"))
-    return out
+        yield InputFile(source, prefix.rstrip("/") or archive.name, "",
+                        f"archive cannot be read: {type(exc).__name__}: {exc}")
 
 
 def _fetch(source: str, dest: Path) -> Path:
@@ -239,10 +239,11 @@ def _fetch(source: str, dest: Path) -> Path:
         raise SourceError(f"source {source!r} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
-def list_inputs(sources: list[str], scratch: str | os.PathLike,
-                limits: ArchiveLimits = DEFAULT_LIMITS) -> list[InputFile]:
-    """Every input file of every source, archives unpacked into ``scratch`` (nested ones too,
-    within ``limits``).
+def iter_inputs(sources: list[str], scratch: str | os.PathLike,
+                limits: ArchiveLimits = DEFAULT_LIMITS) -> Iterator[InputFile]:
+    """Every input file of every source, yielded as it is found; archives are unpacked into
+    ``scratch`` as they are reached (nested ones too, within ``limits``). Memory does not grow
+    with the number of files (ingest writes them straight into its listing).
 
     A source that is an unreadable archive yields one rejected entry (the archive itself), so
     it is accounted for and the other sources still run.
@@ -251,7 +252,6 @@ def list_inputs(sources: list[str], scratch: str | os.PathLike,
         SourceError: a source does not exist (or, on object storage, cannot be read).
     """
     scratch = Path(scratch)
-    out: list[InputFile] = []
     for n, source in enumerate(sources):
         path = _fetch(source, scratch / f"remote-{n:04d}") if location.is_url(source) else Path(source)
         if not path.exists():
@@ -260,11 +260,16 @@ def list_inputs(sources: list[str], scratch: str | os.PathLike,
             for k, entry in enumerate(_walk_folder(source, path)):
                 if entry.local and is_archive(entry.path) and limits.depth > 0:  # an archive in a folder
                     dest = scratch / f"source-{n:04d}" / f"archive-{k:06d}"
-                    out.extend(_extract(source, Path(entry.local), dest, _Budget(limits), entry.path + "/"))
+                    yield from _extract(source, Path(entry.local), dest, _Budget(limits), entry.path + "/")
                 else:
-                    out.append(entry)
+                    yield entry
         elif is_archive(path):
-            out.extend(_extract(source, path, scratch / f"source-{n:04d}", _Budget(limits)))
+            yield from _extract(source, path, scratch / f"source-{n:04d}", _Budget(limits))
         else:
-            out.append(InputFile(source, path.name, str(path)))
-    return out
+            yield InputFile(source, path.name, str(path))
+
+
+def list_inputs(sources: list[str], scratch: str | os.PathLike,
+                limits: ArchiveLimits = DEFAULT_LIMITS) -> list[InputFile]:
+    """:func:`iter_inputs` as a list (for small sources, tests and notebooks)."""
+    return list(iter_inputs(sources, scratch, limits))
