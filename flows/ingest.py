@@ -65,8 +65,8 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
         # 2. Plan: group by series; files settled by the scan get their rows now.
         previous = ingest.Previous(config.store)
         task_batches, settled = ingest.plan_jobs(sorted(scan_tables), config.files_per_task, previous)
-        files += settled
-        progress.advance(len(settled))
+        files.add_table(settled)
+        progress.advance(settled.num_rows)
         progress.phase("converting series")
 
         # 3. Convert, a batch of series per task.

@@ -66,6 +66,11 @@ def test_reruns_convert_only_new_or_changed_content(tmp_path):
     assert set(clean_files) < set(inc_files)
     assert [r for r in inc_files if r not in clean_files][0][0] == "anat.nii"
 
+    # a slice of s2 deleted: s2 is converted again (a file of its volume is gone), nothing else
+    sorted((src / "s2").glob("*.dcm"))[0].unlink()
+    fourth = ingest(tmp_path / "store")
+    assert (fourth["volumes"], fourth["unchanged"], fourth["files"], fourth["gone"]) == (1, 14, 18, 2)
+
 
 def test_the_flow_skips_unchanged_series(tmp_path, prefect_server):
     from flows.ingest import run_ingest

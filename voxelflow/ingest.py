@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import tempfile
 from collections import defaultdict
 from collections.abc import Iterable
@@ -308,53 +307,52 @@ def load_batch(text: str) -> list[InputFile]:
 
 
 class Previous:
-    """What earlier runs recorded for a store: each file's row (with its content digest) and
-    the files each converted series was made from, so an incremental run converts only
-    series and NIfTI files that are new or changed."""
+    """What earlier runs recorded for a store, as Arrow tables (the catalog, never a Python
+    object per file): each file's row with its content digest and the series of the DICOM
+    volume it went into, so an incremental run converts only series and NIfTI files that are
+    new or changed.
+
+    Attributes:
+        files: the ``files`` catalog plus ``series_id`` (of the file's DICOM volume, or null).
+        volume_ids: the volumes the catalog holds.
+        series_files: per series, how many files went into its volumes.
+    """
 
     def __init__(self, store: str):
-        files = catalog.read_table(store, "files").to_pylist()
-        volumes = {r["volume_id"]: r for r in catalog.read_table(store, "volumes").to_pylist()}
-        self.files = {(f["source"], f["path"]): f for f in files}
-        self.series: dict[str, set] = defaultdict(set)
-        for f in files:
-            vol = volumes.get(f["volume_id"])
-            if vol is not None and vol["kind"] == "dicom":
-                self.series[vol["series_id"]].add((f["source"], f["path"]))
-        self.volumes = set(volumes)
+        files = catalog.conform(catalog.read_table(store, "files"), catalog.FILE_SCHEMA)
+        volumes = catalog.conform(catalog.read_table(store, "volumes"), catalog.VOLUME_SCHEMA)
+        volumes = volumes.select(["volume_id", "series_id", "kind"])
+        dicom = volumes.filter(pc.equal(volumes["kind"], "dicom")).select(["volume_id", "series_id"])
+        self.files = files.join(dicom, keys="volume_id", join_type="left outer")
+        self.volume_ids = volumes["volume_id"].combine_chunks()
+        counts = self.files.filter(pc.is_valid(self.files["series_id"])).group_by("series_id") \
+            .aggregate([("path", "count")])
+        self.series_files = dict(zip(counts["series_id"].to_pylist(), counts["path_count"].to_pylist()))
 
-    def same(self, rec: dict) -> dict | None:
-        """The earlier row of this file if its content is unchanged and what it made exists."""
-        old = self.files.get((rec["source"], rec["path"]))
-        if old is None or not old.get("digest") or old["digest"] != rec.get("digest"):
-            return None
-        if old["volume_id"] and old["volume_id"] not in self.volumes:
-            return None
-        return old
+    def __len__(self) -> int:
+        return self.files.num_rows
 
-    def unchanged_series(self, series: str, recs: list[dict]) -> list[dict] | None:
-        """The earlier rows of a DICOM series' files when none changed, none was added and none
-        that went into its volumes is gone; else None (convert it again)."""
-        rows = [self.same(r) for r in recs]
-        if any(r is None for r in rows) or not self.series.get(series):
-            return None
-        if not self.series[series] <= {(r["source"], r["path"]) for r in recs}:
-            return None
-        return rows
+    def compare(self, table: pa.Table) -> pa.Table:
+        """``table`` (``source``, ``path``, ``digest``, ...) with each file's earlier row
+        (``old_status``, ``old_reason``, ``old_volume_id``, ``old_digest``, ``old_series``;
+        null for a new file) and ``same``: its content is unchanged and what it made exists.
+        Rows come back in no particular order."""
+        prev = self.files.rename_columns(["source", "path", "old_status", "old_reason", "old_volume_id",
+                                          "old_digest", "old_series"])
+        joined = table.join(prev, keys=["source", "path"], join_type="left outer")
+        exists = pc.or_kleene(pc.is_null(joined["old_volume_id"]),
+                              pc.is_in(joined["old_volume_id"], value_set=self.volume_ids))
+        same = pc.and_(pc.fill_null(pc.equal(joined["old_digest"], joined["digest"]), False), exists)
+        return joined.append_column("same", same)
 
-    def gone(self, sources: list[str], run_rows: FileRows | pa.Table) -> list[dict]:
-        """Rows of earlier runs from these sources whose files are no longer there (their
+    def gone(self, sources: list[str], run_rows: FileRows | pa.Table) -> pa.Table:
+        """Keys of earlier runs' files from these sources that are no longer there (their
         volumes are kept; the summary reports them). ``run_rows``: this run's ``files`` rows,
         one per input (:func:`check_accounting`)."""
-        wanted = set(sources)
-        old = [k for k, r in self.files.items() if r["source"] in wanted]
-        if not old:
-            return []
+        old = self.files.filter(pc.is_in(self.files["source"], value_set=pa.array(sources, pa.string())))
         here = run_rows.table() if isinstance(run_rows, FileRows) else run_rows
-        old_keys = pa.table({"source": pa.array([k[0] for k in old], pa.string()),
-                             "path": pa.array([k[1] for k in old], pa.string())})
-        gone = old_keys.join(here.select(["source", "path"]), keys=["source", "path"], join_type="left anti")
-        return [self.files[k] for k in zip(gone["source"].to_pylist(), gone["path"].to_pylist())]
+        return old.select(["source", "path"]).join(here.select(["source", "path"]), keys=["source", "path"],
+                                                   join_type="left anti")
 
 
 # What planning reads of the scan tables; the full records stay on disk until a conversion
@@ -409,59 +407,51 @@ def job_records(job: dict, columns: list[str] | None = None,
 
 
 def plan_jobs(scan_tables: list[str], files_per_task: int,
-              previous: Previous | None = None) -> tuple[list[list[dict]], list[dict]]:
+              previous: Previous | None = None) -> tuple[list[list[dict]], pa.Table]:
     """Group scanned records into conversion jobs and settle the rest.
 
     Returns:
         ``(task_batches, settled_rows)``: lists of jobs packed so a task handles about
         ``files_per_task`` files (a large series is a task of its own), and the ``files``
-        rows of files already settled by the scan, or unchanged since an earlier run
-        (``previous``; marked ``"unchanged": True``, their volumes left as they are).
-        A job is ``{"kind": "dicom" | "nifti", "series": ..., "refs": [[scan_table, [[start,
-        stop], ...]], ...], "n": files}``; :func:`job_records` reads its records.
+        rows (a table in :data:`FILE_ROW_SCHEMA`) of files already settled by the scan, or
+        unchanged since an earlier run (``previous``; marked ``unchanged``, their volumes left
+        as they are). A job is ``{"kind": "dicom" | "nifti", "series": ..., "refs":
+        [[scan_table, [[start, stop], ...]], ...], "n": files}``; :func:`job_records` reads
+        its records.
     """
-    settled: list[dict] = []
-    # per series, its files in each scan table: (table, row numbers) on a first run; on an
-    # incremental run (table, row, source, path, digest) per file, to compare with the last run
-    series: dict[str, list[tuple]] = defaultdict(list)
+    settled: list[pa.Table] = []
+    # per series, its files in each scan table: (table, row numbers)
+    series: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
     jobs: list[dict] = []
-    incremental = previous is not None and bool(previous.files)
-    for path in scan_tables:
+    incremental = previous is not None and len(previous) > 0
+    still_open: list[pa.Table] = []  # incremental runs compare these with the catalog at once
+    for k, path in enumerate(scan_tables):
         table = pq.read_table(path, columns=PLAN_COLUMNS)
         table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         done = pc.fill_null(pc.not_equal(table["status"], ""), False)
-        settled += [r | {"volume_id": None} for r in
-                    table.filter(done).select(["source", "path", "status", "reason", "digest"]).to_pylist()]
+        settled.append(catalog.conform(table.filter(done), FILE_ROW_SCHEMA))
         table = table.filter(pc.invert(done))
+        if incremental:
+            still_open.append(table.select(["source", "path", "kind", "series", "digest", "_row"])
+                              .append_column("_table", pa.array(np.full(table.num_rows, k, dtype=np.int32))))
+            continue
         dicom = pc.equal(table["kind"], "dicom")
-        for r in table.filter(pc.invert(dicom)).select(["source", "path", "digest", "_row"]).to_pylist():
-            old = previous.same(r) if incremental else None
-            if old is not None and old["status"] == "converted":
-                settled.append(old | {"unchanged": True})
-            else:
-                jobs.append({"kind": "nifti", "series": None, "refs": [[path, _runs([r["_row"]])]], "n": 1})
-        table = table.filter(dicom)
-        if incremental:
-            for uid, row, src, p, digest in zip(*(table[c].to_pylist() for c in
-                                                   ("series", "_row", "source", "path", "digest"))):
-                series[uid].append((path, row, sys.intern(src), p, digest))
-        else:
-            for group in table.group_by("series").aggregate([("_row", "list")]).to_pylist():
-                series[group["series"]].append((path, np.asarray(group["_row_list"], dtype=np.int64)))
+        jobs += [_nifti_job(path, row) for row in table.filter(pc.invert(dicom))["_row"].to_pylist()]
+        for group in table.filter(dicom).group_by("series").aggregate([("_row", "list")]).to_pylist():
+            series[group["series"]].append((path, np.asarray(group["_row_list"], dtype=np.int64)))
         del table
+    if still_open:
+        unchanged, changed = _compare_with_previous(pa.concat_tables(still_open), previous)
+        del still_open
+        settled.append(unchanged)
+        dicom = pc.equal(changed["kind"], "dicom")
+        jobs += [_nifti_job(scan_tables[r["_table"]], r["_row"])
+                 for r in changed.filter(pc.invert(dicom)).select(["_table", "_row"]).to_pylist()]
+        for group in changed.filter(dicom).group_by(["series", "_table"]).aggregate([("_row", "list")]).to_pylist():
+            series[group["series"]].append((scan_tables[group["_table"]], np.asarray(group["_row_list"])))
+        del changed
     for uid in sorted(series):
-        items = series.pop(uid)  # frees the planning records as we go
-        if incremental:
-            old_rows = previous.unchanged_series(uid, [{"source": s, "path": p, "digest": d}
-                                                       for _, _, s, p, d in items])
-            if old_rows is not None:
-                settled.extend(r | {"unchanged": True} for r in old_rows)
-                continue
-            by_table: dict[str, list[int]] = defaultdict(list)
-            for t, row, *_ in items:
-                by_table[t].append(row)
-            items = list(by_table.items())
-        refs = [[t, _runs(rows)] for t, rows in items]
+        refs = [[t, _runs(rows)] for t, rows in sorted(series.pop(uid), key=lambda item: item[0])]
         jobs.append({"kind": "dicom", "series": uid, "refs": refs, "n": sum(len(_rows(r)) for _, r in refs)})
     # Jobs in scan order (a task's jobs then share few scan tables), packed; the largest
     # batches go first so a big series does not start last.
@@ -483,8 +473,42 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
     if current:
         batches.append(current)
     batches.sort(key=lambda b: -sum(j["n"] for j in b))
+    settled_table = pa.concat_tables(settled) if settled else FILE_ROW_SCHEMA.empty_table()
     release_arrow_memory()
-    return batches, settled
+    return batches, settled_table
+
+
+def _nifti_job(scan_table: str, row: int) -> dict:
+    return {"kind": "nifti", "series": None, "refs": [[scan_table, _runs([row])]], "n": 1}
+
+
+def _compare_with_previous(still_open: pa.Table, previous: Previous) -> tuple[pa.Table, pa.Table]:
+    """Split the files the scan left open into those unchanged since the earlier runs (their
+    earlier ``files`` rows, marked ``unchanged``) and those to convert.
+
+    A NIfTI file is unchanged when its content is the same and it was converted. A DICOM
+    series is unchanged when none of its files changed, none was added, and none of the files
+    that went into its volumes is gone (the files of this run whose earlier rows went into
+    this series' volumes are as many as went in then)."""
+    rows = previous.compare(still_open)
+    dicom = pc.equal(rows["kind"], "dicom")
+    nifti_same = pc.and_(pc.invert(dicom), pc.and_(rows["same"], pc.fill_null(
+        pc.equal(rows["old_status"], "converted"), False)))
+    in_series = pc.fill_null(pc.equal(rows["old_series"], rows["series"]), False)
+    stats = rows.filter(dicom).append_column("_same", pc.cast(rows.filter(dicom)["same"], pa.int64())) \
+        .append_column("_in", pc.cast(in_series.filter(dicom), pa.int64())) \
+        .group_by("series").aggregate([("_row", "count"), ("_same", "sum"), ("_in", "sum")])
+    kept = [uid for uid, n, n_same, n_in in zip(*(stats[c].to_pylist() for c in
+                                                  ("series", "_row_count", "_same_sum", "_in_sum")))
+            if n_same == n and n_in == previous.series_files.get(uid, 0) > 0]
+    series_same = pc.and_(dicom, pc.is_in(rows["series"], value_set=pa.array(kept, pa.string())))
+    unchanged = pc.or_(nifti_same, series_same)
+    old = rows.filter(unchanged)
+    old_rows = pa.table({"source": old["source"], "path": old["path"], "status": old["old_status"],
+                         "reason": old["old_reason"], "volume_id": old["old_volume_id"],
+                         "digest": old["old_digest"], "unchanged": pa.array(np.ones(old.num_rows, bool))},
+                        schema=FILE_ROW_SCHEMA)
+    return old_rows, rows.filter(pc.invert(unchanged)).select(["kind", "series", "_table", "_row"])
 
 
 # ----------------------------------------------------------------------------- converting
@@ -745,7 +769,8 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
                   for i, (start, stop) in enumerate(listing.batches(config.batch_size))]
         previous = Previous(config.store)
         task_batches, settled = plan_jobs(tables, config.files_per_task, previous)
-        files = FileRows(settled)
+        files = FileRows()
+        files.add_table(settled)
         volumes: list[dict] = []
         for jobs in task_batches:
             rows = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
