@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/ingest.py                 # CT archive + 10^4 and 10^5 small files
     .venv/bin/python bench/ingest.py --series 2 --slices 60 --many 2000   # a quick look
-    .venv/bin/python bench/ingest.py --many 10000,100000,300000 --skip-ct
+    .venv/bin/python bench/ingest.py --many 10000,100000,300000 --skip-ct   # memory growth
 
 Two archives, both generated (cached in --workdir):
   * the CT archive: 10 series x 300 slices of 512x512 (3,000 files, 1.6 GB) for MB/s;
@@ -245,7 +245,22 @@ def main() -> None:
     (work / "results.json").write_text(json.dumps({"meta": meta, "archives": benches}, indent=2))
     for b in benches:
         print_table(b)
+    print_growth([b for b in benches if b["archive"].startswith("many-file")])
     print("\nPeak memory: the whole process tree (the CLI: its Dask workers and nanny processes too).")
+
+
+def print_growth(benches: list[dict]) -> None:
+    """Peak memory of each tool across the many-file archives, and what each added file costs."""
+    if len(benches) < 2:
+        return
+    sizes = [b["files"] for b in benches]
+    print("\nPeak memory (MB) as the archive grows:\n")
+    print("| tool | " + " | ".join(f"{n:,} files" for n in sizes) + " | bytes per added file |")
+    print("|---|" + "---:|" * (len(sizes) + 1))
+    for tool in [r["tool"] for r in benches[0]["results"]]:
+        peaks = [next(r["peak_MB"] for r in b["results"] if r["tool"] == tool) for b in benches]
+        per_file = (peaks[-1] - peaks[0]) * 2**20 / (sizes[-1] - sizes[0])
+        print(f"| {tool} | " + " | ".join(str(p) for p in peaks) + f" | {per_file:.0f} |")
 
 
 if __name__ == "__main__":

@@ -263,7 +263,7 @@ class Listing:
         return read_listing(self.path, start, self.files if stop is None else stop)
 
     def keys(self) -> pa.Table:
-        """All ``(source, path)`` keys (for diagnostics and for :meth:`Previous.gone`)."""
+        """All ``(source, path)`` keys (to name what accounting found missing or unexpected)."""
         return pq.read_table(self.path, columns=["source", "path"])
 
     def batches(self, batch_size: int | None = None) -> list[tuple[int, int]]:
