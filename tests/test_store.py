@@ -40,6 +40,23 @@ def test_downsample_is_block_mean_with_edge_replication():
     assert out[1, 1, 1] == pytest.approx(data[2, 2:, 2:].mean())
 
 
+@pytest.mark.parametrize("shape,factors,dtype", [
+    ((37, 21, 19), (2, 2, 2), np.int16), ((37, 21, 19), (1, 2, 2), np.int16), ((5, 37, 9, 8), (2, 2, 1), np.uint8),
+    ((40, 6, 7), (2, 1, 2), np.float32), ((3, 4, 4), (2, 2, 2), np.int32)])
+def test_downsample_in_slabs_equals_one_pass(shape, factors, dtype):
+    """Slabs along the first axis (odd lengths, a leading time axis, a first axis kept)
+    give the voxels of one pass over the whole array, and the integer mean rounds half up."""
+    data = np.random.default_rng(1).integers(-300 if dtype != np.uint8 else 0, 250, size=shape).astype(dtype)
+    whole = st.downsample(data, factors, slab=10**6)
+    for slab in (1, 2, 3, 8):
+        out = st.downsample(data, factors, slab=slab)
+        assert out.dtype == data.dtype
+        np.testing.assert_array_equal(out, whole)
+    if factors == (2, 2, 2) and dtype == np.int16:
+        block = data[:2, :2, :2].astype(np.int64)
+        assert whole[0, 0, 0] == (block.sum() + 4) // 8
+
+
 def test_write_then_open_is_exact_and_chunked_reads_match(tmp_path):
     st.init_store(tmp_path / "s")
     rng = np.random.default_rng(0)

@@ -829,8 +829,8 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
         scales.append((slope, intercept))
     integral = all(float(s).is_integer() and float(i).is_integer() for s, i in scales) \
         and all(a.dtype.kind in "iu" for a in raws)
-    lo = min(min(float(a.min()) * s, float(a.max()) * s) + i for a, (s, i) in zip(raws, scales))
-    hi = max(max(float(a.min()) * s, float(a.max()) * s) + i for a, (s, i) in zip(raws, scales))
+    ends = [(float(a.min()) * s + i, float(a.max()) * s + i) for a, (s, i) in zip(raws, scales)]
+    lo, hi = min(min(e) for e in ends), max(max(e) for e in ends)
     dtype = _lossless_dtype(lo, hi, integral)
     out = np.empty((len(raws), *plan.shape[1:]), dtype=dtype)
     for k, (a, (s, i)) in enumerate(zip(raws, scales)):
