@@ -90,7 +90,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
 
         ingest.check_accounting(listing, files)
         catalog.update_catalog(config.store, volumes, files)
-        summary = ingest.summarize(volumes, files) | {"gone": len(previous.gone(config.sources, files))}
+        summary = ingest.summarize(volumes, files) | {"gone": previous.count_gone(config.sources, files)}
     finally:
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)

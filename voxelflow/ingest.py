@@ -345,14 +345,18 @@ class Previous:
         same = pc.and_(pc.fill_null(pc.equal(joined["old_digest"], joined["digest"]), False), exists)
         return joined.append_column("same", same)
 
-    def gone(self, sources: list[str], run_rows: FileRows | pa.Table) -> pa.Table:
-        """Keys of earlier runs' files from these sources that are no longer there (their
+    def count_gone(self, sources: list[str], run_rows: FileRows | pa.Table) -> int:
+        """How many files of earlier runs from these sources are no longer there (their
         volumes are kept; the summary reports them). ``run_rows``: this run's ``files`` rows,
-        one per input (:func:`check_accounting`)."""
+        one per input (:func:`check_accounting`). Counted as the earlier keys less those this
+        run has again: a join whose hash table is built on the catalog's side, not the run's."""
         old = self.files.filter(pc.is_in(self.files["source"], value_set=pa.array(sources, pa.string())))
+        if old.num_rows == 0:
+            return 0
         here = run_rows.table() if isinstance(run_rows, FileRows) else run_rows
-        return old.select(["source", "path"]).join(here.select(["source", "path"]), keys=["source", "path"],
-                                                   join_type="left anti")
+        again = here.select(["source", "path"]).join(old.select(["source", "path"]), keys=["source", "path"],
+                                                     join_type="left semi")
+        return old.num_rows - again.num_rows
 
 
 # What planning reads of the scan tables; the full records stay on disk until a conversion
@@ -771,14 +775,15 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
         task_batches, settled = plan_jobs(tables, config.files_per_task, previous)
         files = FileRows()
         files.add_table(settled)
-        volumes: list[dict] = []
+        batches: list[pa.Table] = []  # volume rows in Arrow (each lists its files' paths)
         for jobs in task_batches:
             rows = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
-            volumes += rows["volumes"]
+            batches.append(pa.Table.from_pylist(rows["volumes"], schema=catalog.VOLUME_SCHEMA))
             files += rows["files"]
+        volumes = pa.concat_tables(batches) if batches else catalog.VOLUME_SCHEMA.empty_table()
         check_accounting(listing, files)
         catalog.update_catalog(config.store, volumes, files)
     finally:
         if not config.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    return summarize(volumes, files) | {"store": config.store, "gone": len(previous.gone(config.sources, files))}
+    return summarize(volumes, files) | {"store": config.store, "gone": previous.count_gone(config.sources, files)}
