@@ -16,10 +16,12 @@ Ceph or moto), so every Dask worker that inherits the environment reaches the sa
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,19 +49,26 @@ def makedirs(target: Any) -> None:
         Path(target).mkdir(parents=True, exist_ok=True)
 
 
+@contextlib.contextmanager
+def _replacing(target: Path) -> Iterator[Path]:
+    """A temporary path beside local ``target`` that replaces it when the block ends without
+    an error (a rename: readers see the old or the new file, never a part)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        yield tmp
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_bytes(target: Any, data: bytes) -> None:
     """Replace ``target`` with ``data`` so readers see the old or the new bytes, never a part."""
     if is_url(target):
         path(target).write_bytes(data)
         return
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with _replacing(Path(target)) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def read_bytes(source: Any) -> bytes:
@@ -131,11 +140,5 @@ def write_parquet(table, target: Any, row_group: int = 16384, order=None) -> Non
         write(sink)
         write_bytes(target, sink.getvalue().to_pybytes())
         return
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
+    with _replacing(Path(target)) as tmp:
         write(str(tmp))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
