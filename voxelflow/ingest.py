@@ -456,7 +456,7 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
         del changed
     for uid in sorted(series):
         refs = [[t, _runs(rows)] for t, rows in sorted(series.pop(uid), key=lambda item: item[0])]
-        jobs.append({"kind": "dicom", "series": uid, "refs": refs, "n": sum(len(_rows(r)) for _, r in refs)})
+        jobs.append({"kind": "dicom", "series": uid, "refs": refs, "n": sum(b - a for _, runs in refs for a, b in runs)})
     # Jobs in scan order (a task's jobs then share few scan tables), packed; the largest
     # batches go first so a big series does not start last.
     jobs.sort(key=lambda j: (j["refs"][0][0], j["refs"][0][1][0][0]))
