@@ -7,8 +7,6 @@ import shutil
 from dataclasses import asdict
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.futures import as_completed
@@ -50,47 +48,46 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
                                        str(scratch / "scan" / f"{i:06d}.parquet")): (start, stop)
                    for i, (start, stop) in enumerate(listing.batches(config.batch_size))}
         scan_tables: list[str] = []
-        files = ingest.FileRows()
+        # The run's catalog rows go to sorted parts on disk as they come (ingest.RunRows)
+        rows = ingest.RunRows(scratch / "run")
         for fut in as_completed(list(futures)):
             start, stop = futures[fut]
             result = fut.result(raise_on_failure=False)
             if isinstance(result, BaseException):  # after retries: account for the files
-                files += _failed_rows([asdict(e) for e in listing.read(start, stop)],
-                                      f"header scan failed: {type(result).__name__}: {result}")
+                rows.add("files", _failed_rows([asdict(e) for e in listing.read(start, stop)],
+                                               f"header scan failed: {type(result).__name__}: {result}"))
                 progress.advance(2 * (stop - start))
             else:
                 scan_tables.append(result)
                 progress.advance(stop - start)
 
         # 2. Plan: group by series; files settled by the scan get their rows now.
-        previous = ingest.Previous(config.store)
-        task_batches, settled = ingest.plan_jobs(sorted(scan_tables), config.files_per_task, previous)
-        files.add_table(settled)
-        progress.advance(settled.num_rows)
+        before = rows.files
+        task_batches = ingest.plan_jobs(sorted(scan_tables), config.files_per_task, rows,
+                                        ingest.Previous(config.store))
+        progress.advance(rows.files - before)
         progress.phase("converting series")
 
         # 3. Convert, a batch of series per task.
         conv = {convert_series.submit(json.dumps(jobs), config.store, config.secret_file, config.chunk,
                                       config.keep_localizers, str(scratch / "rows" / f"{i:06d}.parquet")): jobs
                 for i, jobs in enumerate(task_batches)}
-        volume_tables: list[pa.Table] = []
         for fut in as_completed(list(conv)):
             jobs = conv[fut]
             n = sum(j["n"] for j in jobs)
             result = fut.result(raise_on_failure=False)
             if isinstance(result, BaseException):
                 recs = [r for j in jobs for r in ingest.job_records(j, ["source", "path", "digest"])]
-                files += _failed_rows(recs, f"conversion failed: {type(result).__name__}: {result}")
+                rows.add("files", _failed_rows(recs, f"conversion failed: {type(result).__name__}: {result}"))
             else:
-                volume_tables.append(pq.read_table(result["volumes_table"]))
-                files.add_table(pq.read_table(result["files_table"]))
+                rows.add_part("volumes", result["volumes_table"])
+                rows.add_part("files", result["files_table"])
             progress.advance(n)
         progress.close()
-        volumes = pa.concat_tables(volume_tables) if volume_tables else catalog.VOLUME_SCHEMA.empty_table()
 
-        ingest.check_accounting(listing, files)
-        catalog.update_catalog(config.store, volumes, files)
-        summary = ingest.summarize(volumes, files) | {"gone": previous.count_gone(config.sources, files)}
+        ingest.check_accounting(listing, rows)
+        gone = catalog.update_catalog(config.store, rows.parts("volumes"), rows.parts("files"), config.sources)
+        summary = rows.summary() | {"gone": gone}
     finally:
         if own_scratch:
             shutil.rmtree(scratch, ignore_errors=True)

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.retry import RETRY
-from voxelflow import catalog, ingest
+from voxelflow import ingest
 
 
 @task(name="scan-headers", cache_policy=NO_CACHE, **RETRY)
@@ -28,7 +28,7 @@ def convert_series(jobs: str, store: str, secret_file: str | None, chunk: int, k
                    rows_path: str) -> dict:
     """Build and write the volumes of a batch of series / NIfTI files (``jobs``: JSON text of
     :func:`voxelflow.ingest.plan_jobs` jobs). Returns the paths of two Parquet files holding
-    the catalog rows of the volumes written (``"volumes_table"``) and of the files
+    the catalog rows (sorted by key) of the volumes written (``"volumes_table"``) and of the files
     (``"files_table"``), beside ``rows_path``: as a return value, the rows would stay in the
     memory of the worker and of the flow until the run ends."""
     jobs = json.loads(jobs)
@@ -38,5 +38,5 @@ def convert_series(jobs: str, store: str, secret_file: str | None, chunk: int, k
     get_run_logger().info("%d jobs on worker pid %d: %d volumes written, %d files failed",
                           len(jobs), os.getpid(), len(rows["volumes"]), failed)
     base = rows_path.removesuffix(".parquet")
-    return {"volumes_table": ingest.write_rows(rows["volumes"], catalog.VOLUME_SCHEMA, f"{base}.volumes.parquet"),
-            "files_table": ingest.write_rows(rows["files"], ingest.FILE_ROW_SCHEMA, rows_path)}
+    return {"volumes_table": ingest.write_rows(rows["volumes"], "volumes", f"{base}.volumes.parquet"),
+            "files_table": ingest.write_rows(rows["files"], "files", rows_path)}

@@ -245,10 +245,10 @@ def test_a_parser_crash_fails_only_that_file(tmp_path, monkeypatch):
     assert recs[1]["reason"] == "DICOM header cannot be read (TypeError: unexpected value representation)"
 
 
-def test_accounting_and_summary_on_arrow_file_rows():
+def test_accounting_and_summary_on_run_rows(tmp_path):
     """check_accounting fails loudly on a missing or a duplicate row; the summary counts
-    statuses, reasons and unchanged files from the run's Arrow rows."""
-    from voxelflow.ingest import FileRows, check_accounting, summarize
+    statuses, reasons and unchanged files from the run's parts as they arrive."""
+    from voxelflow.ingest import RunRows, check_accounting
     from voxelflow.io.sources import InputFile
 
     entries = [InputFile("s", f"f{i}", f"/x/f{i}") for i in range(3)]
@@ -257,13 +257,21 @@ def test_accounting_and_summary_on_arrow_file_rows():
              "volume_id": None, "digest": "d"},
             {"source": "s", "path": "f2", "status": "converted", "reason": None, "volume_id": "v", "digest": "d",
              "unchanged": True}]
-    files = FileRows(rows[:1])
-    files += rows[1:]
+
+    def run_rows(name, *parts):
+        out = RunRows(tmp_path / name)
+        for part in parts:
+            out.add("files", part)
+        return out
+
+    files = run_rows("ok", rows[:1], rows[1:])
     check_accounting(entries, files)
-    summary = summarize([], files)
+    summary = files.summary()
     assert (summary["files"], summary["converted"], summary["skipped"], summary["unchanged"]) == (3, 2, 1, 1)
     assert summary["top_reasons"] == [{"files": 1, "status": "skipped", "reason": "not a DICOM or NIfTI file"}]
     with pytest.raises(RuntimeError, match=r"missing \[\('s', 'f2'\)\]"):
-        check_accounting(entries, FileRows(rows[:2]))
+        check_accounting(entries, run_rows("missing", rows[:2]))
     with pytest.raises(RuntimeError, match="1 duplicate rows"):
-        check_accounting(entries, FileRows(rows + rows[:1]))
+        check_accounting(entries, run_rows("dup", rows, rows[:1]))
+    with pytest.raises(ValueError, match="unknown status 'done'"):
+        run_rows("bad", [rows[0] | {"status": "done"}])

@@ -1,15 +1,17 @@
-"""The run's listing, accounting by key tally, scan tables in row groups and catalog writes in
-sorted slices: what keeps ingest's memory from growing with the archive."""
+"""The run's listing, accounting by key tally, scan tables in row groups, the run's rows in
+sorted parts and the catalog written by a streaming merge: what keeps ingest's memory from
+growing with the archive."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from voxelflow import catalog, ingest, location
 from voxelflow.errors import SourceError
-from voxelflow.ingest import FileRows, KeyTally, Listing, check_accounting
+from voxelflow.ingest import KeyTally, Listing, RunRows, check_accounting
 from voxelflow.io.sources import InputFile, iter_inputs
 
 
@@ -63,15 +65,20 @@ def test_accounting_against_the_listing(tmp_path, monkeypatch):
     entries = _entries(30)
     listing = Listing.write(iter(entries), tmp_path / "listing.parquet")
     rows = [_row(e) for e in entries]
-    files = FileRows(rows[:10])
-    files.add_table(pa.Table.from_pylist(rows[10:], schema=ingest.FILE_ROW_SCHEMA))
-    check_accounting(listing, files)
+
+    def run_rows(name, *parts):
+        out = RunRows(tmp_path / name)
+        for part in parts:
+            out.add("files", part)
+        return out
+
+    check_accounting(listing, run_rows("ok", rows[:10], pa.Table.from_pylist(rows[10:], schema=ingest.FILE_ROW_SCHEMA)))
     with pytest.raises(RuntimeError, match=r"missing \[\('src', 'd2/f029.dcm'\)\]"):
-        check_accounting(listing, FileRows(rows[:-1]))
+        check_accounting(listing, run_rows("missing", rows[:-1]))
     with pytest.raises(RuntimeError, match="1 duplicate rows"):
-        check_accounting(listing, FileRows(rows[:-1] + rows[:1]))
+        check_accounting(listing, run_rows("dup", rows[:-1], rows[:1]))
     with pytest.raises(RuntimeError, match=r"unexpected \[\('src', 'extra'\)\]"):
-        check_accounting(listing, FileRows(rows + [_row(InputFile("src", "extra", ""))]))
+        check_accounting(listing, run_rows("extra", rows + [_row(InputFile("src", "extra", ""))]))
 
 
 def test_inputs_are_listed_as_they_are_found(tmp_path):
@@ -116,24 +123,113 @@ def test_scan_tables_and_job_records_read_back_in_row_groups(tmp_path, monkeypat
     assert {r["reason"] for r in records} == {"not a DICOM or NIfTI file"}
 
 
-def test_catalog_written_in_sorted_slices(tmp_path):
-    """Rows are written in key order a slice at a time, and merged over an earlier catalog."""
-    rows = [{"source": "s", "path": f"p{i:02d}", "status": "converted", "reason": None, "volume_id": "v",
-             "digest": f"d{i}"} for i in (7, 3, 9, 1, 0, 5, 8, 2, 6, 4)]
-    table = pa.Table.from_pylist(rows, schema=catalog.FILE_SCHEMA)
-    merged, order = catalog.merge_order(catalog.FILE_SCHEMA.empty_table(), table, catalog.FILE_SCHEMA,
-                                        ("source", "path"))
-    location.write_parquet(merged, tmp_path / "files.parquet", row_group=3, order=order)
-    back = pq.read_table(tmp_path / "files.parquet")
-    assert pq.ParquetFile(tmp_path / "files.parquet").metadata.num_row_groups == 4
-    assert back["path"].to_pylist() == [f"p{i:02d}" for i in range(10)]
-    assert back.equals(table.sort_by([("source", "ascending"), ("path", "ascending")]))
+def _file_rows(keys, digest="d") -> list[dict]:
+    return [{"source": src, "path": path, "status": "converted", "reason": None, "volume_id": f"v{path}",
+             "digest": digest} for src, path in keys]
+
+
+def _part(tmp_path, name, rows) -> str:
+    return ingest.write_rows(rows, "files", tmp_path / f"{name}.parquet")
+
+
+def test_sorted_merge_equals_an_in_memory_merge(tmp_path):
+    """A k-way merge a few rows at a time over sorted parts and an earlier table gives the
+    same rows as merging everything in memory: sorted by key, newer rows replacing older."""
+    rng = np.random.default_rng(0)
+    keys = [(f"s{rng.integers(3)}", f"p{i:04d}") for i in rng.permutation(600)]
+    old = pa.Table.from_pylist(_file_rows(keys[:400], "old"), schema=catalog.FILE_SCHEMA)
+    base = tmp_path / "old.parquet"
+    location.write_parquet(catalog.merge(catalog.FILE_SCHEMA.empty_table(), old, catalog.FILE_SCHEMA,
+                                         ("source", "path")), base, row_group=37)
+    # three parts of a run: some keys new, some replacing old ones; uneven sizes
+    new_keys = keys[300:]
+    parts = [_part(tmp_path, f"part{i}", _file_rows(new_keys[i::3][: 20 + 60 * i], f"new{i}")) for i in range(3)]
+    new = pa.concat_tables([pq.read_table(p) for p in parts])
+    merged = pa.concat_tables(list(catalog.merge_sorted([base, *parts], catalog.FILE_SCHEMA, ("source", "path"),
+                                                        base=True, batch_rows=16)))
+    expected = catalog.merge(old, new, catalog.FILE_SCHEMA, ("source", "path"))
+    assert merged.drop_columns(["_rank"]).equals(expected)
+    assert merged.num_rows == 400 + sum(1 for k in {(r["source"], r["path"]) for r in new.to_pylist()}
+                                        if k not in set(keys[:400]))
+    # rank: 0 for rows kept from the earlier table
+    kept = merged.filter(pa.compute.equal(merged["_rank"], 0))
+    assert set(kept["digest"].to_pylist()) == {"old"}
+
+
+def test_sorted_merge_refuses_duplicates_and_unsorted_sources(tmp_path):
+    one = _part(tmp_path, "one", _file_rows([("s", "a"), ("s", "b")]))
+    two = _part(tmp_path, "two", _file_rows([("s", "b"), ("s", "c")]))
+    with pytest.raises(catalog.DuplicateKeyError, match=r"\('s', 'b'\)"):
+        list(catalog.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path")))
+    assert len(list(catalog.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path"), base=True))) >= 1
+    unsorted = tmp_path / "unsorted.parquet"
+    pq.write_table(pa.Table.from_pylist(_file_rows([("s", "z"), ("s", "a")]), schema=catalog.FILE_SCHEMA), unsorted)
+    assert not catalog.is_sorted(unsorted, ("source", "path")) and catalog.is_sorted(one, ("source", "path"))
+    with pytest.raises(ValueError, match="not sorted"):
+        list(catalog.merge_sorted([unsorted, one], catalog.FILE_SCHEMA, ("source", "path"), base=True))
+
+
+def test_run_rows_compact_in_levels_and_count_as_they_come(tmp_path, monkeypatch):
+    """Parts are merged FANIN at a time into parts of the next level: the parts on disk stay
+    few, every row is kept once, and the counts are those of all rows added."""
+    monkeypatch.setattr(RunRows, "FANIN", 3)
+    monkeypatch.setattr(ingest, "PART_GROUP", 5)
+    rows = RunRows(tmp_path / "run")
+    keys = [("s", f"f{i:03d}") for i in np.random.default_rng(1).permutation(100)]
+    for i in range(0, 100, 4):  # 25 parts
+        part = _file_rows(keys[i:i + 4])
+        part[0] |= {"status": "skipped", "reason": f"reason {i % 3}", "volume_id": None}
+        rows.add("files", part)
+    levels = sorted(level for level, _ in rows._parts["files"])
+    assert levels == [0, 1, 1, 2, 2]  # 25 = 2*9 + 2*3 + 1
+    assert len(list((tmp_path / "run").glob("*.parquet"))) == 5
+    back = pa.concat_tables(list(rows.tables("files")))
+    assert sorted(back["path"].to_pylist()) == sorted(p for _, p in keys)
+    for path in rows.parts("files"):
+        assert catalog.is_sorted(path, ("source", "path"))
+    summary = rows.summary()
+    assert (summary["files"], summary["converted"], summary["skipped"]) == (100, 75, 25)
+    assert summary["top_reasons"][0] == {"files": 9, "status": "skipped", "reason": "reason 0"}
+    assert rows.tally == KeyTally().add_table(back)
+
+
+def test_catalog_update_streams_parts_over_the_catalog(tmp_path, monkeypatch):
+    """update_catalog merges sorted parts over the catalog in key order, a new row replacing
+    the old one; it counts earlier rows of the run's sources it has no row for (gone), and
+    merges a catalog edited out of order through a sorted copy."""
     store = tmp_path / "store"
-    catalog.update_catalog(store, [], table.slice(0, 6))
-    newer = [r | {"digest": "new"} for r in rows[4:]]  # p00 p05 p08 p02 p06 p04 again, changed
-    catalog.update_catalog(store, [], FileRows(newer))
+    first = [("a", f"p{i:02d}") for i in (7, 3, 9, 1, 0, 5, 8, 2, 6, 4)] + [("b", "q1")]
+    gone = catalog.update_catalog(store, [], [_part(tmp_path, "first", _file_rows(first, "d1"))], ["a", "b"])
+    assert gone == 0
     files = catalog.read_table(store, "files")
-    assert files["path"].to_pylist() == [f"p{i:02d}" for i in (0, 1, 2, 3, 4, 5, 6, 7, 8, 9)]
-    assert dict(zip(files["path"].to_pylist(), files["digest"].to_pylist())) == {
-        "p00": "new", "p01": "d1", "p02": "new", "p03": "d3", "p04": "new", "p05": "new", "p06": "new",
-        "p07": "d7", "p08": "new", "p09": "d9"}
+    assert list(zip(files["source"].to_pylist(), files["path"].to_pylist())) == sorted(first)
+    again = [("a", f"p{i:02d}") for i in (0, 5, 8, 2, 6)] + [("a", "p10")]
+    parts = [_part(tmp_path, "again1", _file_rows(again[:3], "d2")), _part(tmp_path, "again2", _file_rows(again[3:], "d2"))]
+    gone = catalog.update_catalog(store, [], parts, ["a"])
+    assert gone == 5  # p01 p03 p04 p07 p09; b's q1 is from another source
+    files = catalog.read_table(store, "files")
+    assert files["path"].to_pylist() == [f"p{i:02d}" for i in range(11)] + ["q1"]
+    assert {p: d for p, d in zip(files["path"].to_pylist(), files["digest"].to_pylist())} == \
+        {f"p{i:02d}": "d2" if i in (0, 2, 5, 6, 8, 10) else "d1" for i in range(11)} | {"q1": "d1"}
+    # a catalog rewritten out of order (by hand) is merged all the same
+    target = catalog.catalog_dir(store) / "files.parquet"
+    pq.write_table(files.take(np.arange(files.num_rows)[::-1]), target)
+    catalog.update_catalog(store, [], [_part(tmp_path, "third", _file_rows([("a", "p00")], "d3"))])
+    back = catalog.read_table(store, "files")
+    assert back["path"].to_pylist() == files["path"].to_pylist()
+    assert back["digest"].to_pylist()[0] == "d3"
+
+
+def test_parquet_stream_cuts_row_groups_by_rows_and_bytes(tmp_path):
+    table = pa.table({"x": pa.array(np.arange(1000)), "s": pa.array(["y" * 100] * 1000)})
+    pieces = (table.slice(i, 70) for i in range(0, 1000, 70))
+    assert location.write_parquet_stream(pieces, table.schema, tmp_path / "a.parquet", row_group=300) == 1000
+    meta = pq.ParquetFile(tmp_path / "a.parquet").metadata
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [300, 300, 300, 100]
+    assert pq.read_table(tmp_path / "a.parquet").equals(table)
+    pieces = (table.slice(i, 70) for i in range(0, 1000, 70))
+    location.write_parquet_stream(pieces, table.schema, tmp_path / "b.parquet", row_group=10_000, group_bytes=20_000)
+    meta = pq.ParquetFile(tmp_path / "b.parquet").metadata
+    # a group is cut once its pieces reach the bytes (3 pieces of 70 rows, ~7.8 kB each)
+    assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [210, 210, 210, 210, 160]
+    assert pq.read_table(tmp_path / "b.parquet").equals(table)

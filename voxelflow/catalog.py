@@ -14,12 +14,15 @@ rows with the same key (``volume_id``; ``source`` + ``path``); other rows are ke
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from voxelflow import location
 
@@ -123,26 +126,158 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 
 def merge(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema,
           key: tuple[str, ...]) -> pa.Table:
-    """``old`` with the rows of ``new_rows`` replacing those of equal ``key``, sorted by key."""
-    table, order = merge_order(old, new_rows, schema, key)
-    return table.take(order)
-
-
-def merge_order(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.Schema,
-                key: tuple[str, ...]) -> tuple[pa.Table, pa.Array]:
-    """:func:`merge` as the merged rows (unsorted) and the order that sorts them by key, so a
-    large table can be written in sorted slices without a sorted copy of it in memory."""
+    """``old`` with the rows of ``new_rows`` replacing those of equal ``key``, sorted by key
+    (for small tables held in memory; the ingest catalog is merged with :func:`merge_sorted`)."""
     new = conform(new_rows, schema) if isinstance(new_rows, pa.Table) else pa.Table.from_pylist(new_rows, schema=schema)
-    if old.num_rows == 0:
-        merged = new
-    else:
+    if old.num_rows:
         old = conform(old, schema)
         # rows of ``old`` whose key is not in ``new``: an anti join on the keys and a row number
         # (no Python object per row; the join itself cannot carry list columns)
         index = old.select(list(key)).append_column("_row", pa.array(np.arange(old.num_rows)))
         kept = index.join(new.select(list(key)), keys=list(key), join_type="left anti")["_row"]
-        merged = pa.concat_tables([old.take(kept), new])
-    return merged, pc.sort_indices(merged, sort_keys=[(k, "ascending") for k in key])
+        new = pa.concat_tables([old.take(kept), new])
+    return new.take(pc.sort_indices(new, sort_keys=[(k, "ascending") for k in key]))
+
+
+# ----------------------------------------------------------------------------- sorted merges
+
+
+class DuplicateKeyError(RuntimeError):
+    """Two rows that must be unique share a key (a bug in the producer of the rows)."""
+
+
+def _key_at(table: pa.Table, key: tuple[str, ...], row: int) -> tuple:
+    return tuple(table[k][row].as_py() for k in key)
+
+
+def _lex(table: pa.Table, key: tuple[str, ...], bound: tuple, strict: bool):
+    """Rows whose key is below ``bound`` (``strict``) or at most ``bound``, lexicographically
+    over the key's columns (the byte order Arrow sorts strings in, which is Python's order)."""
+    mask = None
+    for name, value in reversed(list(zip(key, bound))):
+        col = table[name]
+        if mask is None:
+            mask = pc.less(col, value) if strict else pc.less_equal(col, value)
+        else:
+            mask = pc.or_(pc.less(col, value), pc.and_(pc.equal(col, value), mask))
+    return mask
+
+
+def _same_as_next(table: pa.Table, key: tuple[str, ...]):
+    """Per row but the last: whether the next row has the same key."""
+    head, tail = table.slice(0, table.num_rows - 1), table.slice(1)
+    same = None
+    for name in key:
+        eq = pc.equal(head[name], tail[name])
+        same = eq if same is None else pc.and_(same, eq)
+    return same
+
+
+def is_sorted(source: Any, key: tuple[str, ...], batch_rows: int = 65536) -> bool:
+    """Whether a Parquet file's rows are in ascending key order, read a batch of key columns
+    at a time."""
+    last = None
+    for batch in _parquet(source).iter_batches(batch_size=batch_rows, columns=list(key)):
+        table = pa.Table.from_batches([batch])
+        if not table.num_rows:
+            continue
+        if last is not None and _key_at(table, key, 0) < last:
+            return False
+        if not _ordered(table, key):
+            return False
+        last = _key_at(table, key, table.num_rows - 1)
+    return True
+
+
+def _ordered(table: pa.Table, key: tuple[str, ...]) -> bool:
+    """Whether the table's rows are in ascending key order."""
+    if table.num_rows < 2:
+        return True
+    head, tail = table.slice(0, table.num_rows - 1), table.slice(1)
+    le = None
+    for name in reversed(key):
+        x, y = head[name], tail[name]
+        le = pc.less_equal(x, y) if le is None else pc.or_(pc.less(x, y), pc.and_(pc.equal(x, y), le))
+    return bool(pc.all(le).as_py())
+
+
+def _parquet(source: Any) -> pq.ParquetFile:
+    if location.is_url(source):
+        return pq.ParquetFile(location.path(source).open("rb"))
+    return pq.ParquetFile(source)
+
+
+class _Stream:
+    """One sorted source of a merge: the rows of its current batch not yet merged."""
+
+    def __init__(self, source: Any, rank: int, schema: pa.Schema, key: tuple[str, ...], batch_rows: int):
+        self.source, self.rank, self.schema, self.key = source, rank, schema, key
+        self._batches = _parquet(source).iter_batches(batch_size=batch_rows)
+        self.rows = schema.empty_table()
+        self._last: tuple | None = None
+
+    def fill(self) -> bool:
+        """Read the next batch when the current one is used up; False at the end."""
+        while not self.rows.num_rows:
+            batch = next(self._batches, None)
+            if batch is None:
+                return False
+            table = conform(pa.Table.from_batches([batch]), self.schema)
+            if table.num_rows and (not _ordered(table, self.key) or
+                                   (self._last is not None and _key_at(table, self.key, 0) < self._last)):
+                raise ValueError(f"{self.source}: rows are not sorted by {', '.join(self.key)}")
+            self.rows = table
+            if table.num_rows:
+                self._last = _key_at(table, self.key, table.num_rows - 1)
+        return True
+
+    def last(self) -> tuple:
+        return _key_at(self.rows, self.key, self.rows.num_rows - 1)
+
+    def take_upto(self, bound: tuple) -> pa.Table:
+        """Its rows with keys up to ``bound`` (a prefix: the rows are sorted), marked with its rank."""
+        n = int(pc.sum(_lex(self.rows, self.key, bound, strict=False)).as_py() or 0)
+        head, self.rows = self.rows.slice(0, n), self.rows.slice(n)
+        return head.append_column("_rank", pa.array(np.full(n, self.rank, dtype=np.int32)))
+
+
+def merge_sorted(sources: list[Any], schema: pa.Schema, key: tuple[str, ...], *, base: bool = False,
+                 batch_rows: int = 2048) -> Iterator[pa.Table]:
+    """Merge Parquet files whose rows are each sorted by ``key`` into one key-ordered stream,
+    holding one batch of ``batch_rows`` rows per source (a k-way merge a batch at a time).
+
+    Yields tables in ``schema`` plus ``_rank``, the index of the source each row came from.
+    With ``base``, the first source is an earlier table whose rows the others replace (the
+    catalog a run updates); keys must otherwise be unique.
+
+    Raises:
+        DuplicateKeyError: two rows of the sources that must be unique share a key.
+        ValueError: a source is not sorted by ``key``.
+    """
+    streams = [s for s in (_Stream(src, rank, schema, key, batch_rows) for rank, src in enumerate(sources))
+               if s.fill()]
+    order = [(k, "ascending") for k in key] + [("_rank", "ascending")]
+    while streams:
+        # Every row up to the smallest of the batches' last keys is here: no source can hold
+        # a smaller key further on.
+        bound = min(s.last() for s in streams)
+        pieces = [s.take_upto(bound) for s in streams]
+        merged = pa.concat_tables([p for p in pieces if p.num_rows])
+        merged = merged.take(pc.sort_indices(merged, sort_keys=order))
+        if merged.num_rows > 1:
+            same = _same_as_next(merged, key)
+            if pc.any(same).as_py():
+                rank = merged["_rank"].slice(0, merged.num_rows - 1)
+                clash = pc.and_(same, pc.not_equal(rank, 0)) if base else same
+                if pc.any(clash).as_py():
+                    row = pc.index(clash, True).as_py()
+                    raise DuplicateKeyError(f"two rows for {_key_at(merged, key, row)} "
+                                            f"(in {sources[merged['_rank'][row].as_py()]} and "
+                                            f"{sources[merged['_rank'][row + 1].as_py()]})")
+                # an earlier row replaced by a newer one of the same key
+                merged = merged.filter(pa.concat_arrays([pc.invert(same).combine_chunks(), pa.array([True])]))
+        yield merged
+        streams = [s for s in streams if s.rows.num_rows or s.fill()]
 
 
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -154,19 +289,38 @@ def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
-def update_catalog(store: str | os.PathLike, volume_rows: list[dict[str, Any]] | pa.Table,
-                   file_rows: list[dict[str, Any]] | pa.Table | Any) -> None:
-    """Merge a run's rows into the catalog and write both tables, sorted by key. Rows are
-    dicts or Arrow tables (or anything with a ``table()`` method giving one, such as
-    :class:`voxelflow.ingest.FileRows`)."""
-    if hasattr(file_rows, "table"):
-        file_rows = file_rows.table()
-    statuses = file_rows["status"].unique().to_pylist() if isinstance(file_rows, pa.Table) \
-        else [r["status"] for r in file_rows]
-    bad = set(statuses) - set(STATUSES)
-    if bad:
-        raise ValueError(f"file rows with unknown status {sorted(bad)}; expected one of {STATUSES}")
-    for name, rows, schema, key in (("volumes", volume_rows, VOLUME_SCHEMA, ("volume_id",)),
-                                    ("files", file_rows, FILE_SCHEMA, ("source", "path"))):
-        table, order = merge_order(read_table(store, name), rows, schema, key)
-        location.write_parquet(table, catalog_dir(store) / f"{name}.parquet", order=order)
+def update_catalog(store: str | os.PathLike, volume_parts: list[str], file_parts: list[str],
+                   sources: list[str] | None = None) -> int:
+    """Merge a run's rows into the catalog and write both tables, sorted by key, streaming:
+    ``volume_parts`` and ``file_parts`` are Parquet files of rows each sorted by key (a run's
+    parts, see :class:`voxelflow.ingest.RunRows`), merged with the catalog a batch at a time,
+    so neither is held in memory whole. A new row replaces the catalog's row of the same key;
+    each table is replaced atomically.
+
+    Returns how many earlier ``files`` rows from ``sources`` this run has no row for (files
+    gone since an earlier run; their rows and volumes are kept)."""
+    gone = 0
+    wanted = pa.array(sorted(sources or []), pa.string())
+    with tempfile.TemporaryDirectory(prefix="voxelflow-catalog-") as scratch:
+        for name, parts, schema, key in (("volumes", volume_parts, VOLUME_SCHEMA, ("volume_id",)),
+                                         ("files", file_parts, FILE_SCHEMA, ("source", "path"))):
+            target = catalog_dir(store) / f"{name}.parquet"
+            old = []
+            if target.exists():
+                old = [target]
+                if not is_sorted(target, key):  # a table edited by hand: merge a sorted copy
+                    old = [Path(scratch) / target.name]
+                    location.write_parquet(merge(schema.empty_table(), read_table(store, name), schema, key), old[0])
+            merged = merge_sorted(old + list(parts), schema, key, base=bool(old),
+                                  batch_rows=256 if name == "volumes" else 2048)
+
+            def rows(merged=merged, counting=bool(old) and name == "files"):
+                nonlocal gone
+                for table in merged:
+                    if counting:
+                        earlier = pc.and_(pc.equal(table["_rank"], 0), pc.is_in(table["source"], value_set=wanted))
+                        gone += int(pc.sum(earlier).as_py() or 0)
+                    yield table.drop_columns(["_rank"])
+
+            location.write_parquet_stream(rows(), schema, target)
+    return gone

@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -345,19 +345,6 @@ class Previous:
         same = pc.and_(pc.fill_null(pc.equal(joined["old_digest"], joined["digest"]), False), exists)
         return joined.append_column("same", same)
 
-    def count_gone(self, sources: list[str], run_rows: FileRows | pa.Table) -> int:
-        """How many files of earlier runs from these sources are no longer there (their
-        volumes are kept; the summary reports them). ``run_rows``: this run's ``files`` rows,
-        one per input (:func:`check_accounting`). Counted as the earlier keys less those this
-        run has again: a join whose hash table is built on the catalog's side, not the run's."""
-        old = self.files.filter(pc.is_in(self.files["source"], value_set=pa.array(sources, pa.string())))
-        if old.num_rows == 0:
-            return 0
-        here = run_rows.table() if isinstance(run_rows, FileRows) else run_rows
-        again = here.select(["source", "path"]).join(old.select(["source", "path"]), keys=["source", "path"],
-                                                     join_type="left semi")
-        return old.num_rows - again.num_rows
-
 
 # What planning reads of the scan tables; the full records stay on disk until a conversion
 # task reads its own (so the flow's memory does not grow with the records' width, and task
@@ -410,20 +397,18 @@ def job_records(job: dict, columns: list[str] | None = None,
     return records
 
 
-def plan_jobs(scan_tables: list[str], files_per_task: int,
-              previous: Previous | None = None) -> tuple[list[list[dict]], pa.Table]:
-    """Group scanned records into conversion jobs and settle the rest.
+def plan_jobs(scan_tables: list[str], files_per_task: int, rows: RunRows,
+              previous: Previous | None = None) -> list[list[dict]]:
+    """Group scanned records into conversion jobs and settle the rest: the ``files`` rows of
+    files already settled by the scan, or unchanged since an earlier run (``previous``; marked
+    ``unchanged``, their volumes left as they are), go to ``rows``.
 
     Returns:
-        ``(task_batches, settled_rows)``: lists of jobs packed so a task handles about
-        ``files_per_task`` files (a large series is a task of its own), and the ``files``
-        rows (a table in :data:`FILE_ROW_SCHEMA`) of files already settled by the scan, or
-        unchanged since an earlier run (``previous``; marked ``unchanged``, their volumes left
-        as they are). A job is ``{"kind": "dicom" | "nifti", "series": ..., "refs":
+        Lists of jobs packed so a task handles about ``files_per_task`` files (a large series
+        is a task of its own). A job is ``{"kind": "dicom" | "nifti", "series": ..., "refs":
         [[scan_table, [[start, stop], ...]], ...], "n": files}``; :func:`job_records` reads
         its records.
     """
-    settled: list[pa.Table] = []
     # per series, its files in each scan table: (table, row numbers)
     series: dict[str, list[tuple[str, np.ndarray]]] = defaultdict(list)
     jobs: list[dict] = []
@@ -433,7 +418,7 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
         table = pq.read_table(path, columns=PLAN_COLUMNS)
         table = table.append_column("_row", pa.array(np.arange(table.num_rows, dtype=np.int64)))
         done = pc.fill_null(pc.not_equal(table["status"], ""), False)
-        settled.append(catalog.conform(table.filter(done), FILE_ROW_SCHEMA))
+        rows.add("files", table.filter(done))
         table = table.filter(pc.invert(done))
         if incremental:
             still_open.append(table.select(["source", "path", "kind", "series", "digest", "_row"])
@@ -447,7 +432,7 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
     if still_open:
         unchanged, changed = _compare_with_previous(pa.concat_tables(still_open), previous)
         del still_open
-        settled.append(unchanged)
+        rows.add("files", unchanged)
         dicom = pc.equal(changed["kind"], "dicom")
         jobs += [_nifti_job(scan_tables[r["_table"]], r["_row"])
                  for r in changed.filter(pc.invert(dicom)).select(["_table", "_row"]).to_pylist()]
@@ -455,7 +440,7 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
             series[group["series"]].append((scan_tables[group["_table"]], np.asarray(group["_row_list"])))
         del changed
     for uid in sorted(series):
-        refs = [[t, _runs(rows)] for t, rows in sorted(series.pop(uid), key=lambda item: item[0])]
+        refs = [[t, _runs(found)] for t, found in sorted(series.pop(uid), key=lambda item: item[0])]
         jobs.append({"kind": "dicom", "series": uid, "refs": refs, "n": sum(b - a for _, runs in refs for a, b in runs)})
     # Jobs in scan order (a task's jobs then share few scan tables), packed; the largest
     # batches go first so a big series does not start last.
@@ -477,9 +462,8 @@ def plan_jobs(scan_tables: list[str], files_per_task: int,
     if current:
         batches.append(current)
     batches.sort(key=lambda b: -sum(j["n"] for j in b))
-    settled_table = pa.concat_tables(settled) if settled else FILE_ROW_SCHEMA.empty_table()
     release_arrow_memory()
-    return batches, settled_table
+    return batches
 
 
 def _nifti_job(scan_table: str, row: int) -> dict:
@@ -650,106 +634,159 @@ def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
 # ----------------------------------------------------------------------------- run rows
 
 FILE_ROW_SCHEMA = catalog.FILE_SCHEMA.append(pa.field("unchanged", pa.bool_()))
+ROW_SCHEMAS = {"files": FILE_ROW_SCHEMA, "volumes": catalog.VOLUME_SCHEMA}
+ROW_KEYS = {"files": ("source", "path"), "volumes": ("volume_id",)}
+# Rows per row group of a part: what a merge reads of a part at once.
+PART_GROUP = 4096
 
 
-class FileRows:
-    """A run's ``files`` rows, held as Arrow tables: at 10^5-10^6 files a list of dicts costs
-    ~600 bytes a row against ~150 here. ``rows += [dict, ...]`` appends. The keys' tally is
-    kept as rows arrive, so accounting needs no second pass over them."""
-
-    BATCH = 8192
-
-    def __init__(self, rows: list[dict] | None = None):
-        self._tables: list[pa.Table] = []
-        self._pending: list[dict] = list(rows or [])
-        self.tally = KeyTally()
-        self._flush(force=False)
-
-    def __iadd__(self, rows: list[dict]) -> FileRows:
-        self._pending.extend(rows)
-        self._flush(force=False)
-        return self
-
-    def _flush(self, force: bool) -> None:
-        if self._pending and (force or len(self._pending) >= self.BATCH):
-            self._append(pa.Table.from_pylist(self._pending, schema=FILE_ROW_SCHEMA))
-            self._pending = []
-
-    def _append(self, table: pa.Table) -> None:
-        self.tally.add_table(table)
-        self._tables.append(table)
-
-    def add_table(self, table: pa.Table) -> None:
-        """Append rows already in Arrow (as :func:`write_rows` writes them)."""
-        self._flush(force=True)
-        self._append(table.select(FILE_ROW_SCHEMA.names).cast(FILE_ROW_SCHEMA))
-
-    def table(self) -> pa.Table:
-        """All rows, as one table of many chunks (concatenated without copying)."""
-        self._flush(force=True)
-        if not self._tables:
-            return FILE_ROW_SCHEMA.empty_table()
-        if len(self._tables) > 1:
-            self._tables = [pa.concat_tables(self._tables)]
-        return self._tables[0]
-
-    def __len__(self) -> int:
-        return sum(t.num_rows for t in self._tables) + len(self._pending)
-
-
-def write_rows(rows: list[dict], schema: pa.Schema, out_path: str) -> str:
-    """Catalog rows as a Parquet file (atomically); returns its path. Conversion tasks hand
-    their ``files`` and ``volumes`` rows over this way: a task's return value stays in the
-    memory of its Dask worker and of the flow until the run ends, a path is small."""
+def write_rows(rows: list[dict] | pa.Table, name: str, out_path: str | os.PathLike) -> str:
+    """A run's ``files`` or ``volumes`` rows as a Parquet part sorted by key (atomically);
+    returns its path. Conversion tasks hand their rows over this way: a task's return value
+    stays in the memory of its Dask worker and of the flow until the run ends, a path is
+    small; sorted parts are merged into the catalog as a stream (:func:`catalog.merge_sorted`)."""
+    schema, key = ROW_SCHEMAS[name], ROW_KEYS[name]
+    table = catalog.conform(rows, schema) if isinstance(rows, pa.Table) else pa.Table.from_pylist(rows, schema=schema)
+    table = table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in key]))
+    out_path = str(out_path)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out_path}.partial"
-    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp)
+    pq.write_table(table, tmp, row_group_size=PART_GROUP)
     os.replace(tmp, out_path)
     return out_path
 
 
-# ----------------------------------------------------------------------------- summary
+class RunRows:
+    """A run's catalog rows, ``files`` (one per input) and ``volumes``, kept on disk as
+    Parquet parts each sorted by key, never in memory: at 10^6 files the rows alone are
+    ~200 MB of Arrow. What the run reports is counted as parts arrive: the keys' tally (for
+    :func:`check_accounting`), files per status, the most frequent reasons, unchanged files,
+    volumes and voxels.
+
+    Parts are compacted as in a log-structured merge tree: :data:`FANIN` parts of one level
+    are merged (:func:`catalog.merge_sorted`) into one part of the next, so a merge never
+    reads more than a few dozen parts at once, and each row is rewritten a few times at most.
+
+    ``rows.add("files", rows)`` writes rows (dicts or a table) as a part; ``add_part`` takes a
+    part a task wrote with :func:`write_rows`.
+    """
+
+    FANIN = 16
+    # distinct (status, reason) pairs counted exactly; beyond it the rarest are dropped
+    # (failure reasons name their file, so an archive of broken files has one per file)
+    REASONS = 4096
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._parts: dict[str, list[tuple[int, str]]] = {"files": [], "volumes": []}
+        self._made = 0
+        self.tally = KeyTally()
+        self.status = {s: 0 for s in catalog.STATUSES}
+        self.reasons: dict[tuple[str, str | None], int] = {}
+        self.files = self.volumes = self.voxels = self.unchanged = 0
+
+    def add(self, name: str, rows: list[dict] | pa.Table) -> None:
+        if len(rows):
+            self._take(name, write_rows(rows, name, self._new_path(name)))
+
+    def add_part(self, name: str, path: str) -> None:
+        """A sorted part written by :func:`write_rows` (it becomes the run's: compaction deletes it)."""
+        self._take(name, path)
+
+    def parts(self, name: str) -> list[str]:
+        return [path for _, path in self._parts[name]]
+
+    def tables(self, name: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
+        """The rows of every part, a row group at a time."""
+        for path in self.parts(name):
+            pf = pq.ParquetFile(path)
+            for g in range(pf.metadata.num_row_groups):
+                yield pf.read_row_group(g, columns=columns)
+
+    def summary(self) -> dict[str, Any]:
+        top = sorted(self.reasons.items(), key=lambda item: (-item[1], item[0][0], item[0][1] or ""))[:10]
+        return {"files": self.files, **self.status, "volumes": self.volumes, "unchanged": self.unchanged,
+                "voxels": self.voxels,
+                "top_reasons": [{"files": n, "status": status, "reason": reason} for (status, reason), n in top]}
+
+    def _new_path(self, name: str) -> str:
+        self._made += 1
+        return str(self.folder / f"{name}-{self._made:06d}.parquet")
+
+    def _take(self, name: str, path: str) -> None:
+        pf = pq.ParquetFile(path)
+        for g in range(pf.metadata.num_row_groups):
+            (self._count_files if name == "files" else self._count_volumes)(pf.read_row_group(g))
+        self._parts[name].append((0, path))
+        self._compact(name)
+
+    def _count_files(self, table: pa.Table) -> None:
+        self.tally.add_table(table)
+        self.files += table.num_rows
+        for item in pc.value_counts(table["status"]).to_pylist():
+            if item["values"] not in self.status:
+                raise ValueError(f"file rows with unknown status {item['values']!r}; "
+                                 f"expected one of {catalog.STATUSES}")
+            self.status[item["values"]] += item["counts"]
+        if "unchanged" in table.column_names:
+            self.unchanged += int(pc.sum(pc.fill_null(table["unchanged"], False)).as_py() or 0)
+        settled = table.filter(pc.not_equal(table["status"], "converted"))
+        for r in settled.group_by(["status", "reason"]).aggregate([("path", "count")]).to_pylist():
+            k = (r["status"], r["reason"])
+            self.reasons[k] = self.reasons.get(k, 0) + r["path_count"]
+        if len(self.reasons) > 2 * self.REASONS:
+            self.reasons = dict(sorted(self.reasons.items(), key=lambda item: -item[1])[:self.REASONS])
+
+    def _count_volumes(self, table: pa.Table) -> None:
+        self.volumes += table.num_rows
+        self.voxels += sum(int(np.prod(shape)) for shape in table["shape"].to_pylist())
+
+    def _compact(self, name: str) -> None:
+        parts = self._parts[name]
+        while True:
+            levels = defaultdict(list)
+            for level, path in parts:
+                levels[level].append(path)
+            full = [level for level, paths in levels.items() if len(paths) >= self.FANIN]
+            if not full:
+                return
+            level = min(full)
+            merging = levels[level]
+            out = self._new_path(name)
+            location.write_parquet_stream(
+                (t.drop_columns(["_rank"]) for t in catalog.merge_sorted(merging, ROW_SCHEMAS[name], ROW_KEYS[name])),
+                ROW_SCHEMAS[name], out, row_group=PART_GROUP)
+            for path in merging:
+                os.remove(path)
+            parts[:] = [p for p in parts if p[1] not in merging] + [(level + 1, out)]
+            release_arrow_memory()
 
 
-def summarize(volumes: list[dict] | pa.Table, files: FileRows | list[dict]) -> dict[str, Any]:
-    table = files.table() if isinstance(files, FileRows) else FileRows(files).table()
-    shapes = volumes["shape"].to_pylist() if isinstance(volumes, pa.Table) else [v["shape"] for v in volumes]
-    counts = {s: 0 for s in catalog.STATUSES}
-    for item in pc.value_counts(table["status"]).to_pylist():
-        counts[item["values"]] += item["counts"]
-    settled = table.filter(pc.not_equal(table["status"], "converted"))
-    reasons = settled.group_by(["status", "reason"]).aggregate([("path", "count")]).to_pylist()
-    top = sorted(reasons, key=lambda r: (-r["path_count"], r["status"], r["reason"] or ""))[:10]
-    return {
-        "files": table.num_rows, **counts, "volumes": len(volumes),
-        "unchanged": int(pc.sum(pc.fill_null(table["unchanged"], False)).as_py() or 0),
-        "voxels": int(sum(int(np.prod(shape)) for shape in shapes)),
-        "top_reasons": [{"files": r["path_count"], "status": r["status"], "reason": r["reason"]} for r in top],
-    }
+# ----------------------------------------------------------------------------- the run
 
 
 def default_scratch() -> str:
     return tempfile.mkdtemp(prefix="voxelflow-scratch-")
 
 
-def check_accounting(inputs: Listing | list[InputFile], files: FileRows | list[dict]) -> None:
+def check_accounting(inputs: Listing | list[InputFile], rows: RunRows) -> None:
     """Every input has exactly one row. A violation is a bug in voxelflow: fail loudly.
 
     The check compares :class:`KeyTally` fingerprints, so neither side is held as a set; only
     when they differ are the keys read to say which are missing, unexpected or duplicated."""
-    files = files if isinstance(files, FileRows) else FileRows(files)
-    table = files.table()
     if isinstance(inputs, Listing):
         want_tally, want_keys = inputs.tally, inputs.keys
     else:
         keys = pa.table({"source": pa.array([e.source for e in inputs], pa.string()),
                          "path": pa.array([e.path for e in inputs], pa.string())})
         want_tally, want_keys = KeyTally().add_table(keys), lambda: keys
-    if files.tally == want_tally:
+    if rows.tally == want_tally:
         return
     want = want_keys()
     want_set = set(zip(want["source"].to_pylist(), want["path"].to_pylist()))
-    got_list = list(zip(table["source"].to_pylist(), table["path"].to_pylist()))
+    got_list = [key for t in rows.tables("files", ["source", "path"])
+                for key in zip(t["source"].to_pylist(), t["path"].to_pylist())]
     missing = sorted(want_set - set(got_list))[:5]
     extra = sorted(set(got_list) - want_set)[:5]
     dup = len(got_list) - len(set(got_list))
@@ -771,19 +808,15 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
         listing = Listing.write(iter_inputs(config.sources, scratch / "unpacked"), scratch / "listing.parquet")
         tables = [scan_batch(listing.read(start, stop), key, str(scratch / "scan" / f"{i:06d}.parquet"))
                   for i, (start, stop) in enumerate(listing.batches(config.batch_size))]
-        previous = Previous(config.store)
-        task_batches, settled = plan_jobs(tables, config.files_per_task, previous)
-        files = FileRows()
-        files.add_table(settled)
-        batches: list[pa.Table] = []  # volume rows in Arrow (each lists its files' paths)
+        rows = RunRows(scratch / "run")
+        task_batches = plan_jobs(tables, config.files_per_task, rows, Previous(config.store))
         for jobs in task_batches:
-            rows = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
-            batches.append(pa.Table.from_pylist(rows["volumes"], schema=catalog.VOLUME_SCHEMA))
-            files += rows["files"]
-        volumes = pa.concat_tables(batches) if batches else catalog.VOLUME_SCHEMA.empty_table()
-        check_accounting(listing, files)
-        catalog.update_catalog(config.store, volumes, files)
+            converted = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
+            rows.add("volumes", converted["volumes"])
+            rows.add("files", converted["files"])
+        check_accounting(listing, rows)
+        gone = catalog.update_catalog(config.store, rows.parts("volumes"), rows.parts("files"), config.sources)
     finally:
         if not config.scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    return summarize(volumes, files) | {"store": config.store, "gone": previous.count_gone(config.sources, files)}
+    return rows.summary() | {"store": config.store, "gone": gone}

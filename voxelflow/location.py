@@ -21,7 +21,7 @@ import io
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -119,26 +119,53 @@ def read_parquet(source: Any):
     return pq.read_table(source)
 
 
-def write_parquet(table, target: Any, row_group: int = 16384, order=None) -> None:
-    """Write a Parquet file (zstd) atomically (see :func:`write_bytes`), a row group at a time
-    (``order``: row numbers to write the rows in): encoding or sorting a whole 10^6-row
-    catalog at once held several copies of it in memory."""
+def write_parquet(table, target: Any, row_group: int = 16384) -> None:
+    """Write a Parquet table (zstd) atomically (see :func:`write_bytes`), a row group at a time."""
+    write_parquet_stream((table.slice(start, row_group) for start in range(0, table.num_rows, row_group)),
+                         table.schema, target, row_group)
+
+
+def write_parquet_stream(tables: Iterable[Any], schema: Any, target: Any, row_group: int = 16384,
+                         group_bytes: int = 16 << 20) -> int:
+    """Write the Arrow tables of an iterator as one Parquet file (zstd) as they come, in row
+    groups of ``row_group`` rows or about ``group_bytes`` bytes, whichever is reached first;
+    atomically (see :func:`write_bytes`). Only one row group is held at a time, so a 10^6-row
+    catalog is written in the memory of a few thousand rows. Returns the rows written.
+
+    On object storage the encoded file is held until its single PUT."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    def write(sink) -> None:
-        with pq.ParquetWriter(sink, table.schema, compression="zstd") as writer:
-            for start in range(0, max(table.num_rows, 1), row_group):
-                writer.write_table(table.slice(start, row_group) if order is None
-                                   else table.take(order[start:start + row_group]))
-                # Arrow's allocator keeps freed pages for reuse: each slice taken would stay
-                # resident until the process ends
-                pa.default_memory_pool().release_unused()
+    def write(sink) -> int:
+        written = 0
+        with pq.ParquetWriter(sink, schema, compression="zstd") as writer:
+            pending: list = []
+            rows = size = 0
+            for table in tables:
+                if not table.num_rows:
+                    continue
+                pending.append(table)
+                rows, size = rows + table.num_rows, size + table.nbytes
+                while pending and (rows >= row_group or size >= group_bytes):
+                    joined = pa.concat_tables(pending)
+                    take = min(row_group, rows) if rows >= row_group else rows
+                    writer.write_table(joined.slice(0, take), row_group_size=take)
+                    written += take
+                    rest = joined.slice(take)
+                    pending = [rest] if rest.num_rows else []
+                    rows, size = rest.num_rows, rest.nbytes * (rest.num_rows > 0)
+                    # Arrow's allocator keeps freed pages for reuse: each group written would
+                    # stay resident until the process ends
+                    pa.default_memory_pool().release_unused()
+            if pending:
+                writer.write_table(pa.concat_tables(pending), row_group_size=row_group)
+                written += rows
+        return written
 
     if is_url(target):
         sink = pa.BufferOutputStream()
-        write(sink)
+        written = write(sink)
         write_bytes(target, sink.getvalue().to_pybytes())
-        return
+        return written
     with _replacing(Path(target)) as tmp:
-        write(str(tmp))
+        return write(str(tmp))
