@@ -80,8 +80,10 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
                 recs = [r for j in jobs for r in ingest.job_records(j, ["source", "path", "digest"])]
                 rows.add("files", _failed_rows(recs, f"conversion failed: {type(result).__name__}: {result}"))
             else:
-                rows.add_part("volumes", result["volumes_table"])
-                rows.add_part("files", result["files_table"])
+                for path in result["volumes_tables"]:
+                    rows.add_part("volumes", path)
+                for path in result["files_tables"]:
+                    rows.add_part("files", path)
             progress.advance(n)
         progress.close()
 

@@ -39,7 +39,7 @@ def test_listing_reads_any_slice_across_row_groups(tmp_path, monkeypatch):
         assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
         assert len(ranges) <= ingest.MAX_TASKS
     assert [b - a for a, b in listing.batches(16)] == [16, 16, 16, 2]
-    assert ingest.load_batch(ingest.dump_batch(listing, 12, 20)) == entries[12:20]
+    assert list(ingest.load_batch(ingest.dump_batch(listing, 12, 20))) == entries[12:20]
     empty = Listing.write(iter([]), tmp_path / "empty.parquet")
     assert (empty.files, empty.batches(), empty.read()) == (0, [], [])
 
@@ -146,7 +146,7 @@ def test_sorted_merge_equals_an_in_memory_merge(tmp_path):
     parts = [_part(tmp_path, f"part{i}", _file_rows(new_keys[i::3][: 20 + 60 * i], f"new{i}")) for i in range(3)]
     new = pa.concat_tables([pq.read_table(p) for p in parts])
     merged = pa.concat_tables(list(catalog.merge_sorted([base, *parts], catalog.FILE_SCHEMA, ("source", "path"),
-                                                        base=True, batch_rows=16)))
+                                                        base=True, batch_bytes=2000)))
     expected = catalog.merge(old, new, catalog.FILE_SCHEMA, ("source", "path"))
     assert merged.drop_columns(["_rank"]).equals(expected)
     assert merged.num_rows == 400 + sum(1 for k in {(r["source"], r["path"]) for r in new.to_pylist()}
@@ -233,3 +233,35 @@ def test_parquet_stream_cuts_row_groups_by_rows_and_bytes(tmp_path):
     # a group is cut once its pieces reach the bytes (3 pieces of 70 rows, ~7.8 kB each)
     assert [meta.row_group(g).num_rows for g in range(meta.num_row_groups)] == [210, 210, 210, 210, 160]
     assert pq.read_table(tmp_path / "b.parquet").equals(table)
+
+
+def test_conversion_hands_rows_over_a_chunk_at_a_time(tmp_path, monkeypatch):
+    """A conversion batch is converted CONVERT_CHUNK files at a time (a series is never
+    split), each chunk reading only its own scan rows; the store is the same."""
+    from voxelflow.ingest import IngestConfig, run_local
+    from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
+
+    for i in range(3):
+        write_ct_series(ct_phantom((4, 16, 16), seed=i), tmp_path / "src" / f"s{i}",
+                        SeriesSpec(series_number=i + 1, series_uid=f"1.2.3.{i}"))
+    groups = []
+    real = ingest._convert_group
+
+    def counting(store, key, jobs, *args):
+        groups.append(sum(j["n"] for j in jobs))
+        return real(store, key, jobs, *args)
+
+    monkeypatch.setattr(ingest, "_convert_group", counting)
+    monkeypatch.setattr(ingest, "MAX_TASKS", 1)  # one conversion batch of 3 series
+    monkeypatch.setattr(ingest, "CONVERT_CHUNK", 6)
+    summary = run_local(IngestConfig(sources=[str(tmp_path / "src")], store=str(tmp_path / "a")))
+    assert sorted(groups) == [4, 4, 4] and (summary["volumes"], summary["converted"]) == (3, 12)
+    monkeypatch.setattr(ingest, "CONVERT_CHUNK", 1024)
+    groups.clear()
+    run_local(IngestConfig(sources=[str(tmp_path / "src")], store=str(tmp_path / "b")))
+    assert groups == [12]
+    # the same catalog (ids differ: each store has its own de-identification key)
+    columns = {"volumes": ["shape", "spacing", "affine", "n_files", "dtype"], "files": ["source", "path", "status"]}
+    for name, cols in columns.items():
+        a, b = (catalog.read_table(tmp_path / s, name).select(cols) for s in "ab")
+        assert sorted(map(str, a.to_pylist())) == sorted(map(str, b.to_pylist())) and a.num_rows in (3, 12)

@@ -210,9 +210,14 @@ def _parquet(source: Any) -> pq.ParquetFile:
 class _Stream:
     """One sorted source of a merge: the rows of its current batch not yet merged."""
 
-    def __init__(self, source: Any, rank: int, schema: pa.Schema, key: tuple[str, ...], batch_rows: int):
+    def __init__(self, source: Any, rank: int, schema: pa.Schema, key: tuple[str, ...], batch_bytes: int):
         self.source, self.rank, self.schema, self.key = source, rank, schema, key
-        self._batches = _parquet(source).iter_batches(batch_size=batch_rows)
+        pf = _parquet(source)
+        meta = pf.metadata
+        # rows of about ``batch_bytes`` (a volume row lists its files: a few kB to 100s of kB)
+        row_bytes = max(1, sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
+                        // max(1, meta.num_rows))
+        self._batches = pf.iter_batches(batch_size=int(min(4096, max(1, batch_bytes // row_bytes))))
         self.rows = schema.empty_table()
         self._last: tuple | None = None
 
@@ -242,9 +247,9 @@ class _Stream:
 
 
 def merge_sorted(sources: list[Any], schema: pa.Schema, key: tuple[str, ...], *, base: bool = False,
-                 batch_rows: int = 2048) -> Iterator[pa.Table]:
+                 batch_bytes: int = 256 << 10) -> Iterator[pa.Table]:
     """Merge Parquet files whose rows are each sorted by ``key`` into one key-ordered stream,
-    holding one batch of ``batch_rows`` rows per source (a k-way merge a batch at a time).
+    holding one batch of about ``batch_bytes`` per source (a k-way merge a batch at a time).
 
     Yields tables in ``schema`` plus ``_rank``, the index of the source each row came from.
     With ``base``, the first source is an earlier table whose rows the others replace (the
@@ -254,7 +259,7 @@ def merge_sorted(sources: list[Any], schema: pa.Schema, key: tuple[str, ...], *,
         DuplicateKeyError: two rows of the sources that must be unique share a key.
         ValueError: a source is not sorted by ``key``.
     """
-    streams = [s for s in (_Stream(src, rank, schema, key, batch_rows) for rank, src in enumerate(sources))
+    streams = [s for s in (_Stream(src, rank, schema, key, batch_bytes) for rank, src in enumerate(sources))
                if s.fill()]
     order = [(k, "ascending") for k in key] + [("_rank", "ascending")]
     while streams:
@@ -311,8 +316,7 @@ def update_catalog(store: str | os.PathLike, volume_parts: list[str], file_parts
                 if not is_sorted(target, key):  # a table edited by hand: merge a sorted copy
                     old = [Path(scratch) / target.name]
                     location.write_parquet(merge(schema.empty_table(), read_table(store, name), schema, key), old[0])
-            merged = merge_sorted(old + list(parts), schema, key, base=bool(old),
-                                  batch_rows=256 if name == "volumes" else 2048)
+            merged = merge_sorted(old + list(parts), schema, key, base=bool(old))
 
             def rows(merged=merged, counting=bool(old) and name == "files"):
                 nonlocal gone

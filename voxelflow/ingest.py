@@ -9,6 +9,7 @@ its volume), ``skipped`` (not an image, with why) or ``failed`` (with why).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import tempfile
@@ -160,15 +161,19 @@ def file_digest(fh, head: bytes = b"", complete: bool = False) -> str:
     return "xxh3:" + h.hexdigest()
 
 
-def scan_batch(entries: list[InputFile], key: bytes, out_path: str) -> str:
-    """Scan a batch of files and write their records to a Parquet file, a row group at a time
-    (a task's memory stays the same whatever its batch size). Returns the file's path."""
+def scan_batch(entries: Iterable[InputFile], key: bytes, out_path: str) -> str:
+    """Scan files and write their records to a Parquet file, a row group at a time, taking
+    ``entries`` as they come (:func:`iter_listing`): a task's memory stays the same whatever
+    its batch size. Returns the file's path."""
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{out_path}.partial"
+    entries = iter(entries)
     with pq.ParquetWriter(tmp, SCAN_SCHEMA) as writer:
-        for i in range(0, max(len(entries), 1), LISTING_GROUP):
-            records = [classify_file(e, key) for e in entries[i:i + LISTING_GROUP]]
+        while True:
+            records = [classify_file(e, key) for e in itertools.islice(entries, LISTING_GROUP)]
             writer.write_table(pa.Table.from_pylist(records, schema=SCAN_SCHEMA))
+            if len(records) < LISTING_GROUP:
+                break
     os.replace(tmp, out_path)
     release_arrow_memory()
     return out_path
@@ -278,18 +283,22 @@ class Listing:
 
 def read_listing(path: str, start: int, stop: int) -> list[InputFile]:
     """Entries ``start`` to ``stop`` of a listing file, reading only the row groups that hold them."""
+    return list(iter_listing(path, start, stop))
+
+
+def iter_listing(path: str, start: int, stop: int) -> Iterator[InputFile]:
+    """:func:`read_listing` a row group at a time."""
     pf = pq.ParquetFile(path)
-    groups, first, offset = [], None, 0
+    offset = 0
     for g in range(pf.metadata.num_row_groups):
         rows = pf.metadata.row_group(g).num_rows
         if offset + rows > start and offset < stop:
-            groups.append(g)
-            first = offset if first is None else first
+            table = pf.read_row_group(g)
+            table = table.slice(max(start - offset, 0), min(stop, offset + rows) - max(start, offset))
+            yield from (InputFile(*values) for values in zip(*(table[c].to_pylist() for c in LISTING_SCHEMA.names)))
         offset += rows
-    if not groups:
-        return []
-    table = pf.read_row_groups(groups).slice(start - first, stop - start)
-    return [InputFile(*values) for values in zip(*(table[c].to_pylist() for c in LISTING_SCHEMA.names))]
+        if offset >= stop:
+            break
 
 
 def dump_batch(listing: Listing, start: int, stop: int) -> str:
@@ -298,9 +307,10 @@ def dump_batch(listing: Listing, start: int, stop: int) -> str:
     return json.dumps([listing.path, start, stop])
 
 
-def load_batch(text: str) -> list[InputFile]:
+def load_batch(text: str) -> Iterator[InputFile]:
+    """The entries of a :func:`dump_batch` text, read a row group at a time."""
     path, start, stop = json.loads(text)
-    return read_listing(path, start, stop)
+    return iter_listing(path, start, stop)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -369,9 +379,21 @@ def _rows(runs: list[list[int]]) -> np.ndarray:
     return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in runs]) if runs else np.empty(0, np.int64)
 
 
+def read_rows(path: str, rows: np.ndarray, columns: list[str] | None = None) -> pa.Table:
+    """Rows ``rows`` (sorted, unique) of a Parquet file, reading only the row groups that hold them."""
+    pf = pq.ParquetFile(path)
+    bounds = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)])
+    group_of = np.searchsorted(bounds, rows, side="right") - 1
+    groups = np.unique(group_of)
+    table = pf.read_row_groups([int(g) for g in groups], columns=columns)
+    sizes = bounds[groups + 1] - bounds[groups]
+    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])  # where each group starts in ``table``
+    return table.take(rows - bounds[group_of] + offsets[np.searchsorted(groups, group_of)])
+
+
 def read_job_tables(jobs: list[dict], columns: list[str] | None = None) -> dict[str, tuple[np.ndarray, pa.Table]]:
-    """The rows a batch of jobs refers to, each scan table read once: ``{scan_table: (rows,
-    table of those rows)}``, for :func:`job_records`. Only the task's own rows are kept."""
+    """The rows a batch of jobs refers to, each scan table read once (only the row groups
+    holding them): ``{scan_table: (rows, table of those rows)}``, for :func:`job_records`."""
     wanted: dict[str, list[np.ndarray]] = defaultdict(list)
     for job in jobs:
         for path, runs in job["refs"]:
@@ -379,7 +401,7 @@ def read_job_tables(jobs: list[dict], columns: list[str] | None = None) -> dict[
     out = {}
     for path, parts in wanted.items():
         rows = np.unique(np.concatenate(parts))
-        out[path] = (rows, pq.read_table(path, columns=columns).take(rows))
+        out[path] = (rows, read_rows(path, rows, columns))
     release_arrow_memory()
     return out
 
@@ -612,12 +634,30 @@ def convert_nifti_file(store: str, key: bytes, rec: dict, chunk: int = 64) -> tu
     return [row], [_file_row(rec, "converted", None, volume_id)]
 
 
+# Files converted between two hand-overs of rows: what a conversion task holds at once,
+# whatever the size of its batch (a larger series is converted whole).
+CONVERT_CHUNK = 1024
+
+
 def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
-                 keep_localizers: bool = False) -> dict[str, list[dict]]:
-    """Run a batch of jobs; returns ``{"volumes": [...], "files": [...]}`` rows."""
+                 keep_localizers: bool = False) -> Iterator[dict[str, list[dict]]]:
+    """Run a batch of jobs, :data:`CONVERT_CHUNK` files at a time: yields ``{"volumes": [...],
+    "files": [...]}`` rows per chunk of jobs, reading only that chunk's scan records."""
+    group: list[dict] = []
+    count = 0
+    for job in [*jobs, None]:
+        if group and (job is None or count + job["n"] > CONVERT_CHUNK):
+            yield _convert_group(store, key, group, chunk, keep_localizers)
+            group, count = [], 0
+        if job is not None:
+            group.append(job)
+            count += job["n"]
+
+
+def _convert_group(store: str, key: bytes, jobs: list[dict], chunk: int, keep_localizers: bool) -> dict:
     volumes: list[dict] = []
     files: list[dict] = []
-    tables = read_job_tables(jobs)  # each scan table once, only this task's rows kept
+    tables = read_job_tables(jobs)  # only these jobs' rows
     for job in jobs:
         records = job_records(job, tables=tables)
         if job["kind"] == "dicom":
@@ -636,8 +676,9 @@ def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
 FILE_ROW_SCHEMA = catalog.FILE_SCHEMA.append(pa.field("unchanged", pa.bool_()))
 ROW_SCHEMAS = {"files": FILE_ROW_SCHEMA, "volumes": catalog.VOLUME_SCHEMA}
 ROW_KEYS = {"files": ("source", "path"), "volumes": ("volume_id",)}
-# Rows per row group of a part: what a merge reads of a part at once.
+# Rows and bytes per row group of a part at most: what a merge reads of a part at once.
 PART_GROUP = 4096
+PART_BYTES = 1 << 20
 
 
 def write_rows(rows: list[dict] | pa.Table, name: str, out_path: str | os.PathLike) -> str:
@@ -756,7 +797,7 @@ class RunRows:
             out = self._new_path(name)
             location.write_parquet_stream(
                 (t.drop_columns(["_rank"]) for t in catalog.merge_sorted(merging, ROW_SCHEMAS[name], ROW_KEYS[name])),
-                ROW_SCHEMAS[name], out, row_group=PART_GROUP)
+                ROW_SCHEMAS[name], out, row_group=PART_GROUP, group_bytes=PART_BYTES)
             for path in merging:
                 os.remove(path)
             parts[:] = [p for p in parts if p[1] not in merging] + [(level + 1, out)]
@@ -811,9 +852,9 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
         rows = RunRows(scratch / "run")
         task_batches = plan_jobs(tables, config.files_per_task, rows, Previous(config.store))
         for jobs in task_batches:
-            converted = convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers)
-            rows.add("volumes", converted["volumes"])
-            rows.add("files", converted["files"])
+            for converted in convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers):
+                rows.add("volumes", converted["volumes"])
+                rows.add("files", converted["files"])
         check_accounting(listing, rows)
         gone = catalog.update_catalog(config.store, rows.parts("volumes"), rows.parts("files"), config.sources)
     finally:

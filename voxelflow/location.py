@@ -126,7 +126,7 @@ def write_parquet(table, target: Any, row_group: int = 16384) -> None:
 
 
 def write_parquet_stream(tables: Iterable[Any], schema: Any, target: Any, row_group: int = 16384,
-                         group_bytes: int = 16 << 20) -> int:
+                         group_bytes: int = 4 << 20) -> int:
     """Write the Arrow tables of an iterator as one Parquet file (zstd) as they come, in row
     groups of ``row_group`` rows or about ``group_bytes`` bytes, whichever is reached first;
     atomically (see :func:`write_bytes`). Only one row group is held at a time, so a 10^6-row
