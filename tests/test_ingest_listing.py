@@ -106,7 +106,7 @@ def test_job_rows_as_runs():
 def test_scan_tables_and_job_records_read_back_in_row_groups(tmp_path, monkeypatch):
     """A scan batch is written a row group at a time; a job's records are the rows its runs
     name, whichever scan tables they are in."""
-    monkeypatch.setattr(ingest, "LISTING_GROUP", 3)
+    monkeypatch.setattr(ingest, "SCAN_GROUP", 3)
     entries = []
     for i in range(8):
         f = tmp_path / "in" / f"note{i}.txt"

@@ -247,7 +247,7 @@ class _Stream:
 
 
 def merge_sorted(sources: list[Any], schema: pa.Schema, key: tuple[str, ...], *, base: bool = False,
-                 batch_bytes: int = 256 << 10) -> Iterator[pa.Table]:
+                 batch_bytes: int = 128 << 10) -> Iterator[pa.Table]:
     """Merge Parquet files whose rows are each sorted by ``key`` into one key-ordered stream,
     holding one batch of about ``batch_bytes`` per source (a k-way merge a batch at a time).
 
@@ -327,4 +327,5 @@ def update_catalog(store: str | os.PathLike, volume_parts: list[str], file_parts
                     yield table.drop_columns(["_rank"])
 
             location.write_parquet_stream(rows(), schema, target)
+            pa.default_memory_pool().release_unused()
     return gone

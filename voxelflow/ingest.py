@@ -170,9 +170,9 @@ def scan_batch(entries: Iterable[InputFile], key: bytes, out_path: str) -> str:
     entries = iter(entries)
     with pq.ParquetWriter(tmp, SCAN_SCHEMA) as writer:
         while True:
-            records = [classify_file(e, key) for e in itertools.islice(entries, LISTING_GROUP)]
+            records = [classify_file(e, key) for e in itertools.islice(entries, SCAN_GROUP)]
             writer.write_table(pa.Table.from_pylist(records, schema=SCAN_SCHEMA))
-            if len(records) < LISTING_GROUP:
+            if len(records) < SCAN_GROUP:
                 break
     os.replace(tmp, out_path)
     release_arrow_memory()
@@ -190,8 +190,10 @@ def release_arrow_memory() -> None:
 
 LISTING_SCHEMA = pa.schema([("source", pa.string()), ("path", pa.string()), ("local", pa.string()),
                             ("reason", pa.string())])
-# Rows per row group of the listing and of scan tables: the unit a task reads or writes at once.
+# Rows per row group of the listing (3 short strings a row) and of scan tables (a DICOM
+# header record, ~2 kB): the unit a task reads or writes at once.
 LISTING_GROUP = 4096
+SCAN_GROUP = 1024
 _MASK128 = (1 << 128) - 1
 
 
@@ -677,7 +679,7 @@ FILE_ROW_SCHEMA = catalog.FILE_SCHEMA.append(pa.field("unchanged", pa.bool_()))
 ROW_SCHEMAS = {"files": FILE_ROW_SCHEMA, "volumes": catalog.VOLUME_SCHEMA}
 ROW_KEYS = {"files": ("source", "path"), "volumes": ("volume_id",)}
 # Rows and bytes per row group of a part at most: what a merge reads of a part at once.
-PART_GROUP = 4096
+PART_GROUP = 1024
 PART_BYTES = 1 << 20
 
 
@@ -712,7 +714,7 @@ class RunRows:
     part a task wrote with :func:`write_rows`.
     """
 
-    FANIN = 16
+    FANIN = 8
     # distinct (status, reason) pairs counted exactly; beyond it the rarest are dropped
     # (failure reasons name their file, so an archive of broken files has one per file)
     REASONS = 4096
