@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
@@ -46,7 +46,8 @@ class IngestConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    sources: list[str] = Field(min_length=1, description="folders, archives or files")
+    sources: list[str] = Field(min_length=1, description="folders, archives or files (a source named twice "
+                                                         "is read once)")
     store: str = Field(description="store root (created if missing)")
     scratch: str | None = Field(None, description="folder for unpacked archives and scan tables")
     secret_file: str | None = Field(None, description="de-identification key file")
@@ -57,6 +58,12 @@ class IngestConfig(BaseModel):
     chunk: int = Field(64, ge=8, description="chunk edge length in voxels")
     keep_localizers: bool = Field(False, description="store localizer / scout images (as 2-D images) "
                                                      "instead of skipping them")
+
+    @field_validator("sources")
+    @classmethod
+    def _once_each(cls, sources: list[str]) -> list[str]:
+        # the same source twice would list each of its files twice, under the same key
+        return list(dict.fromkeys(sources))
 
 
 # ----------------------------------------------------------------------------- store + key

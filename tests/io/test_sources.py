@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import io
 import shutil
 import tarfile
 import zipfile
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -65,6 +67,48 @@ def test_same_relative_path_in_two_sources_is_two_rows(tmp_path):
         shutil.copy(NIBABEL_DATA / "anatomical.nii", tmp_path / d / "x.nii")
     entries = list_inputs([str(tmp_path / "a"), str(tmp_path / "b")], tmp_path / "scratch")
     assert [(e.source.rsplit("/", 1)[-1], e.path) for e in entries] == [("a", "x.nii"), ("b", "x.nii")]
+
+
+def test_a_source_named_twice_is_read_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    shutil.copy(NIBABEL_DATA / "anatomical.nii", tmp_path / "a" / "x.nii")
+    summary = run_local(ingest_config([tmp_path / "a", tmp_path / "a"], tmp_path / "store"))
+    assert (summary["files"], summary["volumes"]) == (1, 1)
+
+
+def test_members_of_one_name_are_each_accounted_and_the_first_is_kept(tmp_path):
+    """Zip and tar files may hold several members of one name (or of names equal once
+    normalised): the first is unpacked, each later one has its own row with why it was not
+    (it would have overwritten the first); a member named like a folder does not stop the rest."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate names
+        with zipfile.ZipFile(tmp_path / "a.zip", "w") as zf:
+            for name, data in [("x.txt", "one"), ("x.txt", "two"), ("d/y.txt", "y1"), ("./d/y.txt", "y2"),
+                               ("d//y.txt", "y3"), ("../x.txt", "out"), ("../x.txt", "out2"), ("x.txt/z", "z"),
+                               ("e.txt", "e")]:
+                zf.writestr(name, data)
+    with tarfile.open(tmp_path / "b.tar", "w") as tf:
+        for data in (b"one", b"two"):
+            info = tarfile.TarInfo("x.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    entries = list_inputs([str(tmp_path / "a.zip"), str(tmp_path / "b.tar")], tmp_path / "scratch")
+    keys = [(Path(e.source).name, e.path) for e in entries]
+    assert len(keys) == len(set(keys)) == 11  # 9 zip members, 2 tar members
+    by_key = {(Path(e.source).name, e.path): e for e in entries}
+    assert Path(by_key["a.zip", "x.txt"].local).read_text() == "one"
+    assert Path(by_key["b.tar", "x.txt"].local).read_text() == "one"
+    assert Path(by_key["a.zip", "d/y.txt"].local).read_text() == "y1"
+    assert Path(by_key["a.zip", "e.txt"].local).read_text() == "e"
+    for key in [("a.zip", "x.txt#2"), ("a.zip", "d/y.txt#2"), ("a.zip", "d/y.txt#3"), ("b.tar", "x.txt#2"),
+                ("a.zip", "../x.txt#2")]:
+        assert not by_key[key].local and "only the first one is unpacked" in by_key[key].reason, key
+    assert "escapes" in by_key["a.zip", "../x.txt"].reason
+    assert by_key["a.zip", "x.txt/z"].reason.startswith("cannot extract archive member")
+    summary = run_local(ingest_config([tmp_path / "a.zip", tmp_path / "b.tar"], tmp_path / "store"))
+    assert summary["files"] == 11
 
 
 @pytest.mark.parametrize("name,safe", [

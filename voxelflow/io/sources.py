@@ -10,6 +10,7 @@ a reason, so they are still accounted for.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
 import stat
@@ -49,10 +50,14 @@ DEFAULT_LIMITS = ArchiveLimits()
 
 
 class _Budget:
-    """Unpacked bytes left to one archive (shared with the archives nested in it)."""
+    """Unpacked bytes left to one archive (shared with the archives nested in it), and the
+    names of its members that were not unpacked (members that were have their file in the
+    extraction folder: a second member of the same name is found there)."""
 
     def __init__(self, limits: ArchiveLimits):
         self.limits, self.left = limits, limits.total_bytes
+        self.not_unpacked: set[str] = set()
+        self.repeats: dict[str, int] = {}
 
 
 class _LimitExceeded(Exception):
@@ -130,9 +135,31 @@ def _extract_member(source: str, dest: Path, name: str, refusal: str, open_membe
                     errors: tuple[type[BaseException], ...], budget: _Budget, prefix: str = "",
                     declared: tuple[int, int] | None = None) -> InputFile:
     """Extract one archive member into ``dest`` unless its name escapes ``dest``, ``refusal``
-    says why it is not a plain file (a link, a device), or it breaks the size limits
-    (``declared``: zip's (unpacked, packed) sizes, checked before unpacking)."""
+    says why it is not a plain file (a link, a device), it breaks the size limits
+    (``declared``: zip's (unpacked, packed) sizes, checked before unpacking), or an earlier
+    member had the same name.
+
+    A zip or tar may hold several members of one name (or names equal once normalised:
+    ``a/b``, ``./a/b``, ``a//b``). The first is the input of that name; each later one is
+    recorded, not unpacked (it would overwrite the first), under the name plus ``#2``,
+    ``#3``..., so every member keeps a row of its own."""
     safe = _safe_member_name(name)
+    key = prefix + (name if safe is None else safe)
+    target = None if safe is None else dest / safe
+    if key in budget.not_unpacked or (target is not None and (
+            target.is_file() or target.with_name(target.name + ".unpacked").is_dir())):
+        n = budget.repeats[key] = budget.repeats.get(key, 1) + 1
+        return InputFile(source, f"{key}#{n}", "", f"archive member {n} named {key!r} (names compared after "
+                                                   "normalising the path): only the first one is unpacked")
+    entry = _unpack_member(source, dest, name, safe, refusal, open_member, errors, budget, prefix, declared)
+    if not entry.local:
+        budget.not_unpacked.add(key)
+    return entry
+
+
+def _unpack_member(source: str, dest: Path, name: str, safe: str | None, refusal: str, open_member,
+                   errors: tuple[type[BaseException], ...], budget: _Budget, prefix: str,
+                   declared: tuple[int, int] | None) -> InputFile:
     if safe is None:
         return InputFile(source, prefix + name, "", "archive member path escapes the extraction folder; not extracted")
     if refusal:
@@ -149,22 +176,32 @@ def _extract_member(source: str, dest: Path, name: str, refusal: str, open_membe
                                                         f"{packed} (ratio {size / max(packed, 1):.0f}, limit "
                                                         f"{limits.ratio:.0f}); not extracted")
     target = dest / safe
-    target.parent.mkdir(parents=True, exist_ok=True)
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)  # fails where a member is named like a folder
         with open_member() as src, open(target, "wb") as out:
             budget.left -= _copy_limited(src, out, limits.member_bytes, budget)
     except _LimitExceeded as exc:
-        target.unlink(missing_ok=True)
+        _remove(target)
         return InputFile(source, prefix + safe, "", f"decompression bomb guard: {exc}; not extracted")
     except errors as exc:
-        target.unlink(missing_ok=True)
+        _remove(target)
         return InputFile(source, prefix + safe, "", f"cannot extract archive member: {exc}")
     return InputFile(source, prefix + safe, str(target))
 
 
+def _remove(target: Path) -> None:
+    """Remove what a failed extraction left (nothing, or no file there, is fine)."""
+    with contextlib.suppress(OSError):
+        target.unlink()
+
+
 def _extract_zip(source: str, archive: Path, dest: Path, budget: _Budget, prefix: str = "") -> Iterator[InputFile]:
     with zipfile.ZipFile(archive) as zf:
-        for info in sorted(zf.infolist(), key=lambda i: i.filename):
+        # in name order (as a folder is walked); members whose names are equal once normalised
+        # keep the archive's order, so the first of them is the one unpacked
+        infos = zf.infolist()
+        order = sorted(range(len(infos)), key=lambda k: (_safe_member_name(infos[k].filename) or infos[k].filename, k))
+        for info in (infos[k] for k in order):
             if info.is_dir():
                 continue
             link = stat.S_ISLNK(info.external_attr >> 16)
@@ -177,7 +214,9 @@ def _extract_zip(source: str, archive: Path, dest: Path, budget: _Budget, prefix
 
 def _extract_tar(source: str, archive: Path, dest: Path, budget: _Budget, prefix: str = "") -> Iterator[InputFile]:
     with tarfile.open(archive, mode="r:*") as tf:
-        for member in tf:  # streaming: works for compressed tars without seeking back
+        # streaming: works for compressed tars without seeking back
+        while (member := tf.next()) is not None:
+            tf.members.clear()  # TarFile keeps every member it has read: 10^6 of them in a big export
             if member.isdir():
                 continue
             refusal = ("link inside archive; not followed" if member.issym() or member.islnk()
