@@ -687,7 +687,7 @@ ROW_SCHEMAS = {"files": FILE_ROW_SCHEMA, "volumes": catalog.VOLUME_SCHEMA}
 ROW_KEYS = {"files": ("source", "path"), "volumes": ("volume_id",)}
 # Rows and bytes per row group of a part at most: what a merge reads of a part at once.
 PART_GROUP = 1024
-PART_BYTES = 1 << 20
+PART_BYTES = 256 << 10
 
 
 def write_rows(rows: list[dict] | pa.Table, name: str, out_path: str | os.PathLike) -> str:
@@ -745,7 +745,13 @@ class RunRows:
         self._take(name, path)
 
     def parts(self, name: str) -> list[str]:
-        return [path for _, path in self._parts[name]]
+        """The parts, at most :data:`FANIN` of them (the lowest levels merged into one first):
+        what the catalog merge reads at once stays the same whatever the archive's size."""
+        parts = self._parts[name]
+        if len(parts) > self.FANIN:
+            parts.sort(key=lambda part: part[0])
+            self._merge(name, [path for _, path in parts[:len(parts) - self.FANIN + 1]], parts[-1][0] + 1)
+        return [path for _, path in parts]
 
     def tables(self, name: str, columns: list[str] | None = None) -> Iterator[pa.Table]:
         """The rows of every part, a row group at a time."""
@@ -793,24 +799,26 @@ class RunRows:
         self.voxels += sum(int(np.prod(shape)) for shape in table["shape"].to_pylist())
 
     def _compact(self, name: str) -> None:
-        parts = self._parts[name]
         while True:
             levels = defaultdict(list)
-            for level, path in parts:
+            for level, path in self._parts[name]:
                 levels[level].append(path)
             full = [level for level, paths in levels.items() if len(paths) >= self.FANIN]
             if not full:
                 return
             level = min(full)
-            merging = levels[level]
-            out = self._new_path(name)
-            location.write_parquet_stream(
-                (t.drop_columns(["_rank"]) for t in catalog.merge_sorted(merging, ROW_SCHEMAS[name], ROW_KEYS[name])),
-                ROW_SCHEMAS[name], out, row_group=PART_GROUP, group_bytes=PART_BYTES)
-            for path in merging:
-                os.remove(path)
-            parts[:] = [p for p in parts if p[1] not in merging] + [(level + 1, out)]
-            release_arrow_memory()
+            self._merge(name, levels[level], level + 1)
+
+    def _merge(self, name: str, merging: list[str], level: int) -> None:
+        """Merge parts into one part of ``level`` (and delete them)."""
+        out = self._new_path(name)
+        location.write_parquet_stream(
+            (t.drop_columns(["_rank"]) for t in catalog.merge_sorted(merging, ROW_SCHEMAS[name], ROW_KEYS[name])),
+            ROW_SCHEMAS[name], out, row_group=PART_GROUP, group_bytes=PART_BYTES)
+        for path in merging:
+            os.remove(path)
+        self._parts[name][:] = [p for p in self._parts[name] if p[1] not in merging] + [(level, out)]
+        release_arrow_memory()
 
 
 # ----------------------------------------------------------------------------- the run

@@ -126,7 +126,7 @@ def write_parquet(table, target: Any, row_group: int = 16384) -> None:
 
 
 def write_parquet_stream(tables: Iterable[Any], schema: Any, target: Any, row_group: int = 16384,
-                         group_bytes: int = 4 << 20) -> int:
+                         group_bytes: int = 1 << 20) -> int:
     """Write the Arrow tables of an iterator as one Parquet file (zstd) as they come, in row
     groups of ``row_group`` rows or about ``group_bytes`` bytes, whichever is reached first;
     atomically (see :func:`write_bytes`). Only one row group is held at a time, so a 10^6-row
@@ -148,12 +148,13 @@ def write_parquet_stream(tables: Iterable[Any], schema: Any, target: Any, row_gr
                 rows, size = rows + table.num_rows, size + table.nbytes
                 while pending and (rows >= row_group or size >= group_bytes):
                     joined = pa.concat_tables(pending)
-                    take = min(row_group, rows) if rows >= row_group else rows
+                    per_row = max(1, size // rows)
+                    take = min(rows, row_group, max(1, group_bytes // per_row))
                     writer.write_table(joined.slice(0, take), row_group_size=take)
                     written += take
                     rest = joined.slice(take)
                     pending = [rest] if rest.num_rows else []
-                    rows, size = rest.num_rows, rest.nbytes * (rest.num_rows > 0)
+                    rows, size = rest.num_rows, per_row * rest.num_rows
                     # Arrow's allocator keeps freed pages for reuse: each group written would
                     # stay resident until the process ends
                     pa.default_memory_pool().release_unused()
