@@ -267,3 +267,20 @@ def test_conversion_hands_rows_over_a_chunk_at_a_time(tmp_path, monkeypatch):
     for name, cols in columns.items():
         a, b = (catalog.read_table(tmp_path / s, name).select(cols) for s in "ab")
         assert sorted(map(str, a.to_pylist())) == sorted(map(str, b.to_pylist())) and a.num_rows in (3, 12)
+
+
+def test_run_rows_keep_the_most_frequent_reasons_when_there_are_too_many(tmp_path, monkeypatch):
+    """Failure reasons name their file, so an archive of broken files has one per file: past
+    2 x REASONS distinct ones, only the most frequent REASONS are kept (the top ten exact)."""
+    monkeypatch.setattr(RunRows, "REASONS", 3)
+    rows = RunRows(tmp_path / "run")
+    n = 0
+    for reason, count in [("common", 5), ("often", 4)] + [(f"once {i}", 1) for i in range(6)]:
+        rows.add("files", [{"source": "s", "path": f"f{n + k}", "status": "failed", "reason": reason,
+                            "volume_id": None, "digest": None} for k in range(count)])
+        n += count
+    assert len(rows.reasons) <= 2 * 3
+    top = rows.summary()["top_reasons"]
+    assert top[:2] == [{"files": 5, "status": "failed", "reason": "common"},
+                       {"files": 4, "status": "failed", "reason": "often"}]
+    assert rows.summary()["failed"] == n == 15
