@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from voxelflow import catalog, ingest, location
-from voxelflow.errors import SourceError
+from voxelflow.errors import DuplicateKeyError, SourceError
 from voxelflow.ingest import KeyTally, Listing, RunRows, check_accounting
 from voxelflow.io.sources import InputFile, iter_inputs
 
@@ -159,7 +159,7 @@ def test_sorted_merge_equals_an_in_memory_merge(tmp_path):
 def test_sorted_merge_refuses_duplicates_and_unsorted_sources(tmp_path):
     one = _part(tmp_path, "one", _file_rows([("s", "a"), ("s", "b")]))
     two = _part(tmp_path, "two", _file_rows([("s", "b"), ("s", "c")]))
-    with pytest.raises(catalog.DuplicateKeyError, match=r"\('s', 'b'\)"):
+    with pytest.raises(DuplicateKeyError, match=r"\('s', 'b'\)"):
         list(catalog.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path")))
     assert len(list(catalog.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path"), base=True))) >= 1
     unsorted = tmp_path / "unsorted.parquet"

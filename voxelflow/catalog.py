@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from voxelflow import location
+from voxelflow.errors import DuplicateKeyError
 
 VOLUME_SCHEMA = pa.schema([
     ("volume_id", pa.string()),
@@ -140,10 +141,6 @@ def merge(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.S
 
 
 # ----------------------------------------------------------------------------- sorted merges
-
-
-class DuplicateKeyError(RuntimeError):
-    """Two rows that must be unique share a key (a bug in the producer of the rows)."""
 
 
 def _key_at(table: pa.Table, key: tuple[str, ...], row: int) -> tuple:

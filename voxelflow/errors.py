@@ -62,6 +62,11 @@ class SourceError(VoxelflowError, FileNotFoundError):
     """A source given on the command line does not exist or cannot be opened at all."""
 
 
+class DuplicateKeyError(VoxelflowError, RuntimeError):
+    """Two catalog rows that must be unique share a key (``source`` + ``path``, or
+    ``volume_id``): a bug in what produced them, never bad input, so it stops the run."""
+
+
 class ConfigurationError(VoxelflowError, RuntimeError):
     """voxelflow cannot run as configured (missing key, unreachable server, ...)."""
 
