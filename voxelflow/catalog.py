@@ -147,16 +147,14 @@ def _key_at(table: pa.Table, key: tuple[str, ...], row: int) -> tuple:
     return tuple(table[k][row].as_py() for k in key)
 
 
-def _lex(table: pa.Table, key: tuple[str, ...], bound: tuple, strict: bool):
-    """Rows whose key is below ``bound`` (``strict``) or at most ``bound``, lexicographically
-    over the key's columns (the byte order Arrow sorts strings in, which is Python's order)."""
+def _at_most(table: pa.Table, key: tuple[str, ...], bound: tuple):
+    """Rows whose key is at most ``bound``, lexicographically over the key's columns (the byte
+    order Arrow sorts strings in, which is Python's order)."""
     mask = None
     for name, value in reversed(list(zip(key, bound))):
         col = table[name]
-        if mask is None:
-            mask = pc.less(col, value) if strict else pc.less_equal(col, value)
-        else:
-            mask = pc.or_(pc.less(col, value), pc.and_(pc.equal(col, value), mask))
+        mask = pc.less_equal(col, value) if mask is None else \
+            pc.or_(pc.less(col, value), pc.and_(pc.equal(col, value), mask))
     return mask
 
 
@@ -176,14 +174,19 @@ def is_sorted(source: Any, key: tuple[str, ...], batch_rows: int = 65536) -> boo
     last = None
     for batch in _parquet(source).iter_batches(batch_size=batch_rows, columns=list(key)):
         table = pa.Table.from_batches([batch])
-        if not table.num_rows:
-            continue
-        if last is not None and _key_at(table, key, 0) < last:
+        if not _in_order(table, key, last):
             return False
-        if not _ordered(table, key):
-            return False
-        last = _key_at(table, key, table.num_rows - 1)
+        last = _key_at(table, key, table.num_rows - 1) if table.num_rows else last
     return True
+
+
+def _in_order(table: pa.Table, key: tuple[str, ...], after: tuple | None) -> bool:
+    """Whether the rows are in ascending key order, none below ``after`` (the key before them)."""
+    if not table.num_rows:
+        return True
+    if after is not None and _key_at(table, key, 0) < after:
+        return False
+    return _ordered(table, key)
 
 
 def _ordered(table: pa.Table, key: tuple[str, ...]) -> bool:
@@ -225,8 +228,7 @@ class _Stream:
             if batch is None:
                 return False
             table = conform(pa.Table.from_batches([batch]), self.schema)
-            if table.num_rows and (not _ordered(table, self.key) or
-                                   (self._last is not None and _key_at(table, self.key, 0) < self._last)):
+            if not _in_order(table, self.key, self._last):
                 raise ValueError(f"{self.source}: rows are not sorted by {', '.join(self.key)}")
             self.rows = table
             if table.num_rows:
@@ -238,7 +240,7 @@ class _Stream:
 
     def take_upto(self, bound: tuple) -> pa.Table:
         """Its rows with keys up to ``bound`` (a prefix: the rows are sorted), marked with its rank."""
-        n = int(pc.sum(_lex(self.rows, self.key, bound, strict=False)).as_py() or 0)
+        n = int(pc.sum(_at_most(self.rows, self.key, bound)).as_py() or 0)
         head, self.rows = self.rows.slice(0, n), self.rows.slice(n)
         return head.append_column("_rank", pa.array(np.full(n, self.rank, dtype=np.int32)))
 
