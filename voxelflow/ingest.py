@@ -30,6 +30,7 @@ from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code
+from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
 from voxelflow.io.dicom import HEAD_BYTES, load_stack, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
@@ -99,24 +100,7 @@ SCAN_SCHEMA = pa.schema([
     ("source", pa.string()), ("path", pa.string()), ("local", pa.string()),
     ("kind", pa.string()),  # dicom | nifti | none
     ("status", pa.string()), ("reason", pa.string()),  # set when the file is settled at scan
-    ("series", pa.string()), ("patient", pa.string()), ("study", pa.string()),
-    ("instance", pa.string()), ("modality", pa.string()), ("sop_class", pa.string()),
-    ("transfer_syntax", pa.string()),
-    ("rows", pa.int64()), ("cols", pa.int64()), ("samples", pa.int64()),
-    ("bits_allocated", pa.int64()), ("bits_stored", pa.int64()), ("pixel_offset", pa.int64()),
-    ("pixel_representation", pa.int64()),
-    ("photometric", pa.string()), ("frames", pa.int64()),
-    ("orientation", pa.list_(pa.float64())), ("position", pa.list_(pa.float64())),
-    ("pixel_spacing", pa.list_(pa.float64())),
-    ("slice_thickness", pa.float64()), ("spacing_between_slices", pa.float64()),
-    ("instance_number", pa.int64()), ("acquisition_number", pa.int64()),
-    ("echo_number", pa.int64()), ("temporal_position", pa.int64()),
-    ("acquisition_time", pa.float64()), ("repetition_time", pa.float64()),
-    ("image_type", pa.string()),
-    ("rescale_slope", pa.float64()), ("rescale_intercept", pa.float64()),
-    ("attributes", pa.string()),
-    ("frame_info", pa.string()),  # JSON: per-frame geometry of enhanced multi-frame images and mosaics
-    ("mosaic", pa.list_(pa.int64())),  # Siemens mosaic: tiles per side, tile rows, tile cols
+    *DICOM_RECORD_SCHEMA,  # a DICOM file's header record (voxelflow.io.dicom.record.ScanRecord)
     ("digest", pa.string()),  # the file's content (incremental runs compare it)
 ])
 

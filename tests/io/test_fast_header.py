@@ -12,7 +12,7 @@ import pytest
 from tests.io.test_fidelity_suite import _corpora
 from voxelflow.errors import InvalidInputError
 from voxelflow.io.dicom import HEAD_BYTES, looks_like_dicom, scan_dicom
-from voxelflow.io.dicom_header import read_header
+from voxelflow.io.dicom.fast_header import read_header
 from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
 
 KEY = b"k" * 32

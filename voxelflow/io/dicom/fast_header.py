@@ -25,6 +25,7 @@ from typing import Any
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 
 from voxelflow.deid import TECHNICAL_ATTRIBUTES
+from voxelflow.io.dicom.vendor import PRIVATE_TAGS
 
 # Top-level attributes scan_dicom reads (the technical attributes copied to the catalog too).
 KEYWORDS = tuple(dict.fromkeys((
@@ -35,7 +36,8 @@ KEYWORDS = tuple(dict.fromkeys((
     "ImageOrientationPatient", "ImagePositionPatient", "PixelSpacing", "SliceThickness",
     "SpacingBetweenSlices", "InstanceNumber", "AcquisitionNumber", "EchoNumbers",
     "TemporalPositionIdentifier", "AcquisitionTime", "ContentTime", "RepetitionTime",
-    "RescaleSlope", "RescaleIntercept", *TECHNICAL_ATTRIBUTES,
+    "RescaleSlope", "RescaleIntercept", "TriggerTime", "DiffusionBValue", "DiffusionGradientOrientation",
+    *TECHNICAL_ATTRIBUTES,
 )))
 WANTED = {tag_for_keyword(k): k for k in KEYWORDS}
 # Their presence sends the file to pydicom: per-frame geometry, directory records.
@@ -131,7 +133,8 @@ def _skip_item(buf: bytes, pos: int, implicit: bool) -> int:
             pos += length
 
 
-def _convert(keyword: str, vr: str, raw: bytes) -> Any:
+def convert_value(keyword: str, vr: str, raw: bytes) -> Any:
+    """A value from its raw little-endian bytes, as ``pydicom.Dataset.get`` gives it."""
     if vr in BINARY:
         fmt = BINARY[vr]
         size = struct.calcsize(fmt)
@@ -230,12 +233,17 @@ def _read(buf: bytes) -> FastHeader:
         if vpos + length > len(buf):
             raise _Fallback("value runs past the bytes read")
         keyword = WANTED.get(tag)
-        if keyword is not None:
+        if keyword is None and tag in PRIVATE_TAGS:
+            name, private_vr = PRIVATE_TAGS[tag]
+            value = convert_value(name, private_vr if vr in (None, "UN") else vr, buf[vpos:vpos + length])
+            if value is not None:
+                values[name] = value
+        elif keyword is not None:
             dvr = _dictionary_vr(tag)
             use = dvr if vr in (None, "UN") else vr
             if use != dvr:  # ambiguous in the dictionary, or written with another VR
                 raise _Fallback(f"{keyword}: VR {use}, dictionary {dvr}")
-            value = _convert(keyword, use, buf[vpos:vpos + length])
+            value = convert_value(keyword, use, buf[vpos:vpos + length])
             if value is not None:
                 values[keyword] = value
         pos = vpos + length
