@@ -136,7 +136,7 @@ def test_images_at_one_position_split_by_echo_number(tmp_path):
     b = write_ct_series(ct_phantom((3, 16, 16), seed=2), tmp_path / "b", second)
     recs = [_record(p, f"{p.parent.name}/{p.name}") for p in a + b]
     plans = plan_series(recs[0]["series"], recs)
-    assert [p.label for p in plans] == ["echo_number=1", "echo_number=2"]
+    assert [p.label for p in plans] == ["e1", "e2"]
     assert all(p.shape == (3, 16, 16) for p in plans)
 
 

@@ -15,10 +15,10 @@ import numpy as np
 from voxelflow.errors import NotAnImageError, SeriesAssemblyError
 from voxelflow.geometry import dicom_affine, slice_normal
 from voxelflow.io.dicom.frames import expand_frames
+from voxelflow.io.dicom.repeats import POSITION_TOL_MM, Repeats, split_kinds, split_repeats
 
 # characters, so exact equality cannot be expected; anything beyond these is real.
 ORIENTATION_TOL = 1e-4  # direction cosine components
-POSITION_TOL_MM = 0.01  # absolute, mm
 SPACING_REL_TOL = 0.005  # relative deviation of one gap from the mean gap
 
 
@@ -49,39 +49,6 @@ def _describe_key(key: tuple, n_keys: int) -> str:
     orient, rows, cols, spacing = key
     return f"{rows}x{cols} @ {spacing[0]:g}x{spacing[1]:g} mm, orientation " + \
         ",".join(f"{v * ORIENTATION_TOL:.3f}" for v in orient) if n_keys > 1 else ""
-
-
-# Attributes that tell apart several images at one slice position, in the order tried.
-_DISTINGUISHERS = ("echo_number", "image_type", "acquisition_number", "temporal_position", "mosaic_volume")
-
-
-def _positions_unique(recs: list[dict[str, Any]], normal: np.ndarray) -> bool:
-    d = sorted(float(np.dot(normal, r["position"])) for r in recs)
-    return all(b - a > POSITION_TOL_MM for a, b in zip(d, d[1:]))
-
-
-def _split_repeats(series: str, recs: list[dict[str, Any]], normal: np.ndarray) -> list[tuple[str, list]]:
-    mosaics: dict[Any, list] = defaultdict(list)
-    for r in recs:
-        mosaics[r.get("mosaic_volume")].append(r)
-    if len(mosaics) > 1 and None not in mosaics:  # each mosaic file is a volume of its own
-        return [(f"mosaic_volume={k}", g) for k, g in sorted(mosaics.items())]
-    if _positions_unique(recs, normal):
-        return [("", recs)]
-    for attr in _DISTINGUISHERS:
-        groups: dict[Any, list] = defaultdict(list)
-        for r in recs:
-            groups[r.get(attr)].append(r)
-        if len(groups) > 1 and all(_positions_unique(g, normal) for g in groups.values()):
-            return [(f"{attr}={k}", g) for k, g in sorted(groups.items(), key=lambda kv: str(kv[0]))]
-    counts = defaultdict(int)
-    for r in recs:
-        counts[round(float(np.dot(normal, r["position"])) / POSITION_TOL_MM)] += 1
-    worst = max(counts.values())
-    raise SeriesAssemblyError(
-        f"series {series}",
-        f"{len(recs)} images over {len(counts)} slice positions (up to {worst} at one position) "
-        f"and no attribute ({', '.join(_DISTINGUISHERS)}) separates them into stacks")
 
 
 MAX_RESAMPLE_GAP = 2.0  # wider gaps (relative to the median) are not bridged by interpolation
@@ -233,30 +200,30 @@ def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
         recs = groups[key]
         normal = slice_normal(recs[0]["orientation"])
         base = _describe_key(key, len(groups))
-        repeats = _split_repeats(series, recs, normal)
-        four_d = _as_time_series(series, base, repeats, normal)
-        if four_d is not None:
-            plans.append(four_d)
-            continue
-        for label, sub in repeats:
-            full = "; ".join(x for x in (base, label) if x)
-            for part, run, note in _split_gaps(series, full, sub, normal):
-                plan = _build_stack(series, "; ".join(x for x in (full, part) if x), run, normal)
-                plan.warnings.extend([note] if note else [])
-                plans.append(plan)
+        for kind, kind_recs in split_kinds(recs):
+            where = "; ".join(x for x in (base, kind) if x)
+            repeats = split_repeats(series, kind_recs, normal, where)
+            four_d = _as_time_series(series, where, repeats, normal) if repeats.time else None
+            if four_d is not None:
+                plans.append(four_d)
+                continue
+            for label, sub in repeats.groups:
+                full = "; ".join(x for x in (where, label) if x)
+                for part, run, note in _split_gaps(series, full, sub, normal):
+                    plan = _build_stack(series, "; ".join(x for x in (full, part) if x), run, normal)
+                    plan.warnings.extend([note] if note else [])
+                    plans.append(plan)
     return plans
 
 
-_TIME_ATTRIBUTES = ("temporal_position", "acquisition_number", "mosaic_volume")
-
-
-def _as_time_series(series: str, base: str, groups: list[tuple[str, list]], normal: np.ndarray) -> StackPlan | None:
+def _as_time_series(series: str, base: str, repeats: Repeats, normal: np.ndarray) -> StackPlan | None:
     """One 4-D plan when the images at each slice position are repeats over time: the groups
     differ only by TemporalPositionIdentifier or AcquisitionNumber and cover the same slice
     positions. Time points are ordered by acquisition time where every image has one, else by
     that attribute; the time step is the median difference of the time points' acquisition
     times (else RepetitionTime for MR, else unknown)."""
-    if len(groups) < 2 or not groups[0][0] or groups[0][0].split("=")[0] not in _TIME_ATTRIBUTES:
+    groups = repeats.groups
+    if len(groups) < 2:
         return None
     stacks = [_build_stack(series, base, recs, normal) for _, recs in groups]
     if any(s.offsets is not None for s in stacks):
@@ -265,14 +232,17 @@ def _as_time_series(series: str, base: str, groups: list[tuple[str, list]], norm
     for s in stacks[1:]:
         if s.shape != first.shape or not np.allclose(s.affine, first.affine, atol=POSITION_TOL_MM):
             return None  # not the same slices: separate volumes
-    attr = groups[0][0].split("=")[0]
+    attr = repeats.time
 
     def when(stack: StackPlan) -> float | None:
         times = [r.get("acquisition_time") for r in stack.files]
         return min(times) if all(t is not None for t in times) else None
 
     times = [when(s) for s in stacks]
-    if all(t is not None for t in times) and len(set(times)) == len(times):
+    if attr == "repeat":  # already ranked at each position by the best key there was
+        order = list(range(len(stacks)))
+        how = repeats.how
+    elif all(t is not None for t in times) and len(set(times)) == len(times):
         order = sorted(range(len(stacks)), key=lambda i: times[i])
         how = "acquisition time"
     else:

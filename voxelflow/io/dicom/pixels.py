@@ -11,6 +11,7 @@ from voxelflow.errors import CorruptFileError, PixelDecodeError, SeriesAssemblyE
 from voxelflow.io.dicom.assembly import StackPlan, resample_slices
 from voxelflow.io.dicom.frames import unmosaic
 from voxelflow.io.dicom.values import number
+from voxelflow.io.dicom.vendor import philips_precise
 
 
 def _read_direct(rec: dict[str, Any]) -> np.ndarray:
@@ -96,6 +97,8 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
             intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
         else:
             arr, slope, intercept = _read_pixels(rec["local"], rec["path"])
+        if rec.get("scale_slope") and rec.get("manufacturer") == "Philips":
+            slope, intercept = philips_precise(slope, intercept, rec["scale_slope"])
         if arr.shape != tuple(plan.shape[1:]):
             raise SeriesAssemblyError(rec["path"], f"pixel array shape {arr.shape} differs from "
                                                    f"Rows x Columns {plan.shape[1:]}")
