@@ -136,7 +136,7 @@ def classify_file(entry: InputFile, key: bytes) -> dict[str, Any]:
         return rec | {"kind": "none", "status": "skipped",
                       "reason": "archive inside a source, not unpacked (archive limits: depth 0)"}
     name = entry.path.lower()
-    if name.endswith((".dcm", ".ima", ".nii", ".nii.gz")):
+    if name.endswith((".dcm", ".ima", ".nii", ".nii.gz", ".dcm.gz")):
         return rec | {"kind": "none", "status": "failed",
                       "reason": "named like DICOM/NIfTI but its content is neither (corrupt or mislabelled)"}
     return rec | {"kind": "none", "status": "skipped", "reason": "not a DICOM or NIfTI file"}

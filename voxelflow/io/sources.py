@@ -11,6 +11,7 @@ a reason, so they are still accounted for.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import posixpath
 import stat
@@ -24,6 +25,9 @@ from voxelflow import location
 from voxelflow.errors import SourceError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+# gzip-compressed single files other than archives and NIfTI (which nibabel reads as they
+# are): some exports gzip each DICOM file (``IM_0001.dcm.gz``); they are read decompressed.
+_NOT_GUNZIPPED = (".tar.gz", ".nii.gz")
 
 
 @dataclass(frozen=True)
@@ -278,10 +282,34 @@ def _fetch(source: str, dest: Path) -> Path:
         raise SourceError(f"source {source!r} cannot be read: {type(exc).__name__}: {exc}") from exc
 
 
+def is_gzipped_file(path: str) -> bool:
+    """A gzip-compressed single file read decompressed (``*.dcm.gz``; not ``.tar.gz`` or
+    ``.nii.gz``)."""
+    name = path.lower()
+    return name.endswith(".gz") and not name.endswith(_NOT_GUNZIPPED)
+
+
+def _gunzip(entry: InputFile, dest: Path, limits: ArchiveLimits) -> InputFile:
+    """The entry with ``local`` pointing at its decompressed bytes (under ``dest``), within the
+    per-member limit; a file that is not valid gzip is rejected with the reason. Its path in
+    the catalog stays the compressed file's."""
+    target = dest / posixpath.basename(entry.path)[:-3]
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with gzip.open(entry.local, "rb") as src, open(target, "wb") as out:
+            _copy_limited(src, out, limits.member_bytes, _Budget(limits))
+    except (gzip.BadGzipFile, EOFError, zipfile.BadZipFile, _LimitExceeded) as exc:
+        target.unlink(missing_ok=True)
+        return InputFile(entry.source, entry.path, "", f"gzip-compressed file cannot be decompressed: "
+                                                       f"{type(exc).__name__}: {exc}")
+    return InputFile(entry.source, entry.path, str(target))
+
+
 def iter_inputs(sources: list[str], scratch: str | os.PathLike,
                 limits: ArchiveLimits = DEFAULT_LIMITS) -> Iterator[InputFile]:
     """Every input file of every source, yielded as it is found; archives are unpacked into
-    ``scratch`` as they are reached (nested ones too, within ``limits``). Memory does not grow
+    ``scratch`` as they are reached (nested ones too, within ``limits``), and
+    gzip-compressed single files (``*.dcm.gz``) decompressed there. Memory does not grow
     with the number of files (ingest writes them straight into its listing).
 
     A source that is an unreadable archive yields one rejected entry (the archive itself), so
@@ -291,6 +319,15 @@ def iter_inputs(sources: list[str], scratch: str | os.PathLike,
         SourceError: a source does not exist (or, on object storage, cannot be read).
     """
     scratch = Path(scratch)
+    for k, entry in enumerate(_iter_inputs(sources, scratch, limits)):
+        if entry.local and is_gzipped_file(entry.path):
+            yield _gunzip(entry, scratch / "gunzipped" / f"{k:07d}", limits)
+        else:
+            yield entry
+
+
+def _iter_inputs(sources: list[str], scratch: Path, limits: ArchiveLimits) -> Iterator[InputFile]:
+    """The entries of every source, gzip-compressed files still compressed."""
     for n, source in enumerate(sources):
         path = _fetch(source, scratch / f"remote-{n:04d}") if location.is_url(source) else Path(source)
         if not path.exists():

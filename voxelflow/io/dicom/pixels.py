@@ -120,8 +120,9 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
         else:
             exact = a.astype(np.float64) * s + i
             if dtype == np.float32 and not np.array_equal(exact.astype(np.float32), exact):
-                out = out.astype(np.float64)
-                dtype = np.dtype(np.float64)
+                wider = np.empty(out.shape, np.float64)
+                wider[:k] = out[:k]  # the rest is not written yet
+                out, dtype = wider, np.dtype(np.float64)
             out[k] = exact
     if plan.timepoints > 1:  # (t * z, y, x) -> (t, z, y, x)
         return out.reshape(plan.timepoints, plan.shape[0], *plan.shape[1:])
