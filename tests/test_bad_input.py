@@ -125,7 +125,8 @@ def test_two_images_at_one_position_without_distinguisher_is_an_error(tmp_path):
     a = write_ct_series(ct_phantom((3, 16, 16), seed=1), tmp_path / "a", spec)
     b = write_ct_series(ct_phantom((3, 16, 16), seed=2), tmp_path / "b", spec)
     recs = [_record(p, f"{p.parent.name}/{p.name}") for p in a + b]
-    with pytest.raises(SeriesAssemblyError, match=r"6 images over 3 slice positions \(up to 2 at one position\)"):
+    with pytest.raises(SeriesAssemblyError, match=r"6 images over 3 slice positions \(2 at each\) and no attribute .* "
+                       r"cannot be ordered: InstanceNumber repeats at one position"):
         plan_series(recs[0]["series"], recs)
 
 

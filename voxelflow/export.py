@@ -9,11 +9,13 @@ import nibabel as nib
 import numpy as np
 
 from voxelflow import catalog
+from voxelflow.io.dicom.diffusion import write_fsl
 from voxelflow.store import open_volume
 
 
 def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.PathLike) -> Path:
-    """Write one volume (level 0) as NIfTI-1; sform and qform both carry the stored affine."""
+    """Write one volume (level 0) as NIfTI-1; sform and qform both carry the stored affine. A
+    DWI volume gets ``.bval`` / ``.bvec`` beside it (FSL's convention, this image's voxel axes)."""
     vol = open_volume(store, volume_id)
     data = vol.to_nifti_order()
     img = nib.Nifti1Image(data, vol.affine)
@@ -30,7 +32,14 @@ def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.P
     tmp = out.with_name(f".{out.name}.partial.nii.gz" if out.name.endswith(".gz") else f".{out.name}.partial.nii")
     nib.save(img, tmp)
     os.replace(tmp, out)
+    diffusion = (vol.attributes or {}).get("diffusion")
+    if diffusion and data.ndim == 4:  # DWI: FSL b-values and directions in this image's voxel frame
+        write_fsl(diffusion, vol.affine, str(out.with_name(_stem(out.name))))
     return out
+
+
+def _stem(name: str) -> str:
+    return name.removesuffix(".gz").removesuffix(".nii")
 
 
 def export_nifti(store: str | os.PathLike, outdir: str | os.PathLike,

@@ -31,7 +31,7 @@ from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code
 from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
-from voxelflow.io.dicom import HEAD_BYTES, load_stack, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
+from voxelflow.io.dicom import HEAD_BYTES, load_stack, stack_attributes, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
 from voxelflow.store import clean_staging, init_store, store_id, write_volume
@@ -567,19 +567,23 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         unique.append(rec)
     if not unique:
         return [], file_rows
+    left_out: list[tuple[dict, str]] = []  # images not part of any stack while the others are
     try:
-        plans = plan_series(series, unique)
+        plans = plan_series(series, unique, left_out)
     except NotAnImageError as exc:
         return [], file_rows + [_file_row(r, "skipped", str(exc)) for r in unique]
     except InvalidInputError as exc:
         return [], file_rows + [_file_row(r, "failed", str(exc)) for r in unique]
+    for rec, reason in left_out:
+        file_rows.append(_file_row(rec, "skipped" if "stray slice" in reason else "failed", reason))
     for plan in plans:
         volume_id = pseudonym(key, "volume", f"{series}|{plan.label}").lower()
         try:
             data = load_stack(plan)
+            extra = stack_attributes(plan)
             info = write_volume(store, volume_id, data, plan.affine, chunk=chunk, time_step=plan.time_step, attributes={
                 "kind": "dicom", "modality": plan.files[0]["modality"],
-                "warnings": plan.warnings, "stack": plan.label})
+                "warnings": plan.warnings, "stack": plan.label, **extra})
         except InvalidInputError as exc:
             reason = f"series {series}" + (f" [{plan.label}]" if plan.label else "") + f": {exc}"
             file_rows.extend(_file_row(r, "failed", reason) for r in _distinct_files(plan.files))
@@ -587,7 +591,8 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         files = _distinct_files(plan.files)  # a multi-frame file is one file, not one per frame
         volume_rows.append(_volume_row(
             volume_id, info, plan.affine, kind="dicom", first=plan.files[0], stack=plan.label,
-            files=files, attributes=plan.files[0]["attributes"] or "{}", warnings=plan.warnings))
+            files=files, attributes=json.dumps(json.loads(plan.files[0]["attributes"] or "{}") | extra, sort_keys=True),
+            warnings=plan.warnings))
         file_rows.extend(_file_row(r, "converted", None, volume_id) for r in files)
     # a multi-frame file whose frames went into several volumes (echoes, stacks) is one row:
     # converted (into the first volume) if any of its volumes was written

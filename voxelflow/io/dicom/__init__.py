@@ -14,10 +14,10 @@ each lives in the module named after it:
    rescale and returns a lossless array.
 """
 
-from voxelflow.io.dicom.assembly import StackPlan, not_part_of_a_volume, plan_series, resample_slices
+from voxelflow.io.dicom.assembly import StackPlan, not_part_of_a_volume, plan_series, resample_slices, stack_attributes
 from voxelflow.io.dicom.frames import unmosaic
 from voxelflow.io.dicom.header import HEAD_BYTES, looks_like_dicom, scan_dicom
 from voxelflow.io.dicom.pixels import load_stack
 
 __all__ = ["HEAD_BYTES", "StackPlan", "load_stack", "looks_like_dicom", "not_part_of_a_volume", "plan_series",
-           "resample_slices", "scan_dicom", "unmosaic"]
+           "resample_slices", "scan_dicom", "stack_attributes", "unmosaic"]

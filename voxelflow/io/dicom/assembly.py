@@ -14,6 +14,7 @@ import numpy as np
 
 from voxelflow.errors import NotAnImageError, SeriesAssemblyError
 from voxelflow.geometry import dicom_affine, slice_normal
+from voxelflow.io.dicom.diffusion import plan_diffusion
 from voxelflow.io.dicom.frames import expand_frames
 from voxelflow.io.dicom.repeats import POSITION_TOL_MM, Repeats, split_kinds, split_repeats
 
@@ -165,8 +166,16 @@ def not_part_of_a_volume(rec: dict[str, Any], keep_localizers: bool = False) -> 
 
 
 
-def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
+def plan_series(series: str, records: list[dict[str, Any]],
+                left_out: list[tuple[dict[str, Any], str]] | None = None) -> list[StackPlan]:
     """Split one series' records into consistent stacks.
+
+    Args:
+        series: the series' pseudonym (for messages).
+        records: its scan records.
+        left_out: where to put ``(record, reason)`` for images that are not part of any stack
+            while the others are: a stray slice far from its stack, the images of one kind
+            (an echo, the phase images, ...) that cannot be stacked. ``None``: raise instead.
 
     Raises:
         SeriesAssemblyError: the images cannot be stacked consistently (the reason says why).
@@ -200,19 +209,37 @@ def plan_series(series: str, records: list[dict[str, Any]]) -> list[StackPlan]:
         recs = groups[key]
         normal = slice_normal(recs[0]["orientation"])
         base = _describe_key(key, len(groups))
-        for kind, kind_recs in split_kinds(recs):
+        kinds = split_kinds(recs)
+        for kind, kind_recs in kinds:
             where = "; ".join(x for x in (base, kind) if x)
-            repeats = split_repeats(series, kind_recs, normal, where)
-            four_d = _as_time_series(series, where, repeats, normal) if repeats.time else None
-            if four_d is not None:
-                plans.append(four_d)
-                continue
-            for label, sub in repeats.groups:
-                full = "; ".join(x for x in (where, label) if x)
-                for part, run, note in _split_gaps(series, full, sub, normal):
-                    plan = _build_stack(series, "; ".join(x for x in (full, part) if x), run, normal)
-                    plan.warnings.extend([note] if note else [])
-                    plans.append(plan)
+            try:
+                plans.extend(_plan_kind(series, where, kind_recs, normal, left_out))
+            except SeriesAssemblyError as exc:
+                if left_out is None or len(kinds) == 1 and len(groups) == 1:
+                    raise  # the whole series fails: the caller records the reason for all its files
+                left_out.extend((r, str(exc)) for r in kind_recs)
+    return plans
+
+
+def _plan_kind(series: str, where: str, recs: list[dict[str, Any]], normal: np.ndarray,
+               left_out: list[tuple[dict[str, Any], str]] | None) -> list[StackPlan]:
+    """The stacks of one kind of image (see :mod:`voxelflow.io.dicom.repeats`)."""
+    repeats = split_repeats(series, recs, normal, where)
+    four_d = _as_time_series(series, where, repeats, normal) if repeats.time else None
+    if four_d is not None:
+        return [four_d]
+    plans = []
+    for label, sub in repeats.groups:
+        full = "; ".join(x for x in (where, label) if x)
+        parts, strays = _split_gaps(series, full, sub, normal)
+        if strays and left_out is None:
+            raise SeriesAssemblyError(f"series {series}", strays[0][1].split(": ", 1)[1])
+        if strays:
+            left_out.extend(strays)
+        for part, run, note in parts:
+            plan = _build_stack(series, "; ".join(x for x in (full, part) if x), run, normal)
+            plan.warnings.extend([note] if note else [])
+            plans.append(plan)
     return plans
 
 
@@ -265,15 +292,20 @@ def _as_time_series(series: str, base: str, repeats: Repeats, normal: np.ndarray
 
 
 MAX_GAP_PARTS = 4  # more evenly spaced runs than this: irregular spacing, not missing slices
+STRAY_GAPS = 10  # a lone slice this many slice gaps or more from its stack is a stray, not a gap
 
 
-def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.ndarray) -> list[tuple[str, list, str]]:
-    """Split a stack at missing slices into evenly spaced runs: ``[(part label, records,
-    warning)]``. A gap counts as missing slices when it is wider than the median gap; the
-    runs must each hold two or more slices. Anything else (unevenly spaced slices) is left to
-    :func:`_build_stack`, which refuses it with the gaps it saw."""
-    if len(recs) < 4:
-        return [("", recs, "")]
+def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.ndarray
+                ) -> tuple[list[tuple[str, list, str]], list[tuple[dict, str]]]:
+    """Split a stack at missing slices into evenly spaced runs: ``([(part label, records,
+    warning)], [(stray record, reason)])``. A gap counts as missing slices when it is wider
+    than the median gap; runs hold two or more slices, and a lone slice cut off by such gaps
+    (a stray slice far from the stack, as in pydicom's ``77654033/CT2``) is left out with the
+    reason. Anything else (unevenly spaced slices) is left to :func:`_build_stack`, which
+    refuses it with the gaps it saw."""
+    whole = ([("", recs, "")], [])
+    if len(recs) < 3:
+        return whole
     recs = sorted(recs, key=lambda r: float(np.dot(normal, r["position"])))
     d = np.array([float(np.dot(normal, r["position"])) for r in recs])
     gaps = np.diff(d)
@@ -281,16 +313,48 @@ def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.
     tol = max(POSITION_TOL_MM, SPACING_REL_TOL * median)
     breaks = np.flatnonzero(np.abs(gaps - median) > tol)
     if not len(breaks) or median <= 0 or (gaps[breaks] < median).any():
-        return [("", recs, "")]
+        return whole
     bounds = [0, *(int(b) + 1 for b in breaks), len(recs)]
-    runs = [recs[a:b] for a, b in zip(bounds, bounds[1:])]
-    if len(runs) > MAX_GAP_PARTS or min(len(r) for r in runs) < 2:
-        return [("", recs, "")]
-    where = "; ".join(f"{gaps[b]:.4g} mm after slice {int(b)} (about {gaps[b] / median - 1:.3g} missing)"
-                      for b in breaks)
-    note = (f"missing slices: gaps of {where}, against {median:.4g} mm between the other slices; the stack is "
-            f"split into {len(runs)} evenly spaced volumes rather than given one spacing")
-    return [(f"part {i + 1} of {len(runs)} (slices {bounds[i]}-{bounds[i + 1] - 1})", run, note)
-            for i, run in enumerate(runs)]
+    runs = [(a, recs[a:b]) for a, b in zip(bounds, bounds[1:])]
+    # A lone slice is a stray only far from the rest; a lone slice after a gap of a few
+    # missing slices is uneven spacing, which _build_stack refuses with the gaps it saw.
+    strays = [(a, run[0]) for a, run in runs if len(run) == 1
+              and min(abs(d[a] - d[j]) for j in range(len(d)) if j != a) > STRAY_GAPS * median]
+    if len(strays) != sum(len(run) == 1 for _, run in runs):
+        return whole
+    runs = [(a, run) for a, run in runs if len(run) > 1]
+    if not runs or len(runs) > MAX_GAP_PARTS or len(strays) > MAX_GAP_PARTS:
+        return whole
+    where = f"series {series}" + (f" [{label}]" if label else "")
+    left_out = []
+    for k, rec in strays:
+        near = min(abs(d[k] - d[j]) for j in range(len(d)) if j != k)
+        left_out.append((rec, f"{where}: stray slice {rec['path']} lies {near:.4g} mm from the nearest other slice "
+                              f"of its stack, whose slices are {median:.4g} mm apart: not part of the volume"))
+    notes = []
+    if len(runs) > 1:
+        gaps_between = [b for b in breaks if not any(k in (b, b + 1) for k, _ in strays)]
+        text = "; ".join(f"{gaps[b]:.4g} mm after slice {int(b)} (about {gaps[b] / median - 1:.3g} missing)"
+                         for b in gaps_between)
+        notes.append(f"missing slices: gaps of {text}, against {median:.4g} mm between the other slices; the stack "
+                     f"is split into {len(runs)} evenly spaced volumes rather than given one spacing")
+    if strays:
+        notes.append(f"{len(strays)} stray slice(s) far from the stack left out (see the files' reasons)")
+    note = "; ".join(notes)
+    if len(runs) == 1:
+        return [("", runs[0][1], note)], left_out
+    return [(f"part {i + 1} of {len(runs)} (slices {a}-{a + len(run) - 1})", run, note)
+            for i, (a, run) in enumerate(runs)], left_out
 
 
+def stack_attributes(plan: StackPlan) -> dict[str, Any]:
+    """What a volume records beyond its first image's technical attributes: its diffusion
+    encoding (b-value and patient-frame direction per time point) and how its values were
+    scaled where a vendor's rule applied."""
+    out: dict[str, Any] = {}
+    diffusion = plan_diffusion(plan.files, plan.timepoints)
+    if diffusion is not None:
+        out["diffusion"] = diffusion
+    if any(r.get("scale_slope") and r.get("manufacturer") == "Philips" for r in plan.files):
+        out["scaling"] = "Philips precise (floating point): stored value / MRScaleSlope (2005,100E), as dcm2niix -p y"
+    return out

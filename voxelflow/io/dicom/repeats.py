@@ -5,7 +5,8 @@ Two kinds of difference, applied in this order:
 
 1. **Kinds** (:func:`split_kinds`) always make separate volumes: the echo, the complex part
    (magnitude, phase, real, imaginary, a field map in Hz), a derived isotropic (trace)
-   diffusion image, a classic and an enhanced export of the same series. They combine: a
+   diffusion image, original and derived images (ImageType), a classic and an enhanced
+   export of the same series. They combine: a
    dual-echo field map holds four kinds, ``e1``, ``e1_ph``, ``e2``, ``e2_ph``, named as
    dcm2niix names its outputs.
 2. **Repeats** (:func:`split_repeats`) inside one kind: each file of a series of Siemens
@@ -69,6 +70,12 @@ def _enhanced(rec: dict[str, Any]) -> bool:
     return "enhanced" in (rec.get("sop_class") or "").lower()
 
 
+def _derived(rec: dict[str, Any]) -> bool:
+    """ImageType's first value: images derived from others (reformats, maps, re-encodings)
+    never share a volume with the original images."""
+    return (rec.get("image_type") or "").split("\\")[0].strip().upper() == "DERIVED"
+
+
 def split_kinds(recs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, Any]]]]:
     """The records of one geometry split by echo x complex part x isotropic x export form;
     only attributes that vary name a kind (one kind: label "")."""
@@ -79,20 +86,22 @@ def split_kinds(recs: list[dict[str, Any]]) -> list[tuple[str, list[dict[str, An
               for form in forms}
     comps = {r.get("component") or "" for r in recs}
     iso = {bool(r.get("isotropic")) for r in recs}
+    derived = {_derived(r) for r in recs}
     groups: dict[tuple, list] = defaultdict(list)
     for r in recs:
         known = echoes[_enhanced(r)]
         echo = known.index(r["echo_number"]) + 1 if len(known) > 1 and r.get("echo_number") is not None else None
         groups[(_enhanced(r) if len(forms) > 1 else None, echo,
                 (r.get("component") or "") if len(comps) > 1 else "",
-                bool(r.get("isotropic")) if len(iso) > 1 else False)].append(r)
+                bool(r.get("isotropic")) if len(iso) > 1 else False,
+                _derived(r) if len(derived) > 1 else False)].append(r)
     if len(groups) == 1:
         return [("", recs)]
     out = []
-    for (enhanced, echo, comp, isotropic), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
+    for (enhanced, echo, comp, isotropic, is_derived), group in sorted(groups.items(), key=lambda kv: str(kv[0])):
         label = f"e{echo}" if echo else ""
         suffix = _COMPONENT_SUFFIX.get(comp, comp)
-        label = "_".join(x for x in (label, suffix, "isotropic" if isotropic else "",
+        label = "_".join(x for x in (label, suffix, "isotropic" if isotropic else "", "derived" if is_derived else "",
                                      {True: "enhanced", False: "classic", None: ""}[enhanced]) if x)
         out.append((label, group))
     return out
