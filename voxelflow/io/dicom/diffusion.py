@@ -24,23 +24,21 @@ def plan_diffusion(files: list[dict[str, Any]], timepoints: int) -> dict[str, li
     that the images of one time point agree)."""
     per = len(files) // max(timepoints, 1)
     firsts = [files[k * per] for k in range(max(timepoints, 1))]
-    if all(f.get("b_value") is None for f in firsts):
-        return None
+    if not any(f.get("b_value") for f in firsts):
+        return None  # no diffusion weighting (GE writes b = 0 into every fMRI image)
     return {"b_values": [float(f.get("b_value") or 0.0) for f in firsts],
             "directions_lps": [[float(v) for v in (f.get("gradient") or [0.0, 0.0, 0.0])] for f in firsts]}
 
 
 def fsl_bvecs(directions_lps: list[list[float]], affine: np.ndarray) -> np.ndarray:
-    """``(3, n)`` FSL bvecs of unit directions (patient frame, LPS) for an image with this
-    RAS affine (voxel index ``(i, j, k)`` -> mm). Zero vectors (b = 0) stay zero."""
+    """``(3, n)`` FSL bvecs of directions (patient frame, LPS; lengths kept as the scanner
+    wrote them) for an image with this RAS affine (voxel index ``(i, j, k)`` -> mm)."""
     m = np.asarray(affine, float)[:3, :3]
-    axes = m / np.linalg.norm(m, axis=0)  # unit voxel axes in world (RAS)
     world = _LPS_TO_RAS @ np.asarray(directions_lps, float).T
-    vox = np.linalg.solve(axes, world)  # components along the voxel axes (axes may be sheared)
+    vox = _frame(m).T @ world
     if np.linalg.det(m) > 0:
         vox[0] = -vox[0]
-    norms = np.linalg.norm(vox, axis=0)
-    return np.where(norms > 1e-9, vox / np.where(norms > 1e-9, norms, 1), 0.0)
+    return vox
 
 
 def world_directions(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
@@ -49,7 +47,20 @@ def world_directions(bvecs: np.ndarray, affine: np.ndarray) -> np.ndarray:
     vox = np.array(bvecs, float)
     if np.linalg.det(m) > 0:
         vox[0] = -vox[0]
-    return (m / np.linalg.norm(m, axis=0)) @ vox
+    return _frame(m) @ vox
+
+
+def _frame(m: np.ndarray) -> np.ndarray:
+    """The orthonormal voxel frame of an affine's 3x3 part, as columns: its first axis, its
+    second made orthogonal to it, and their cross product on the side of the third. The
+    slice axis of a stack follows its slice positions, which can lean from the normal by a
+    rounding error (or a gantry tilt); directions are given relative to the slice plane and
+    its normal, as the scanner and dcm2niix give them."""
+    a0 = m[:, 0] / np.linalg.norm(m[:, 0])
+    a1 = m[:, 1] - (m[:, 1] @ a0) * a0
+    a1 /= np.linalg.norm(a1)
+    a2 = np.cross(a0, a1)
+    return np.column_stack([a0, a1, a2 if a2 @ m[:, 2] >= 0 else -a2])
 
 
 def write_fsl(diffusion: dict[str, list], affine: np.ndarray, stem: str) -> tuple[str, str]:

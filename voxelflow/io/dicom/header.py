@@ -187,7 +187,7 @@ def scan_dicom(local: str, path: str, key: bytes, head: bytes | None = None, fas
         mosaic = mosaic_info(ds.dataset, path, rows, cols)
         direct = False
     maker = vendor(str(ds.get("Manufacturer", "") or ""))
-    b_value, gradient, isotropic = diffusion(maker, ds.get, ds.get)
+    b_value, gradient, isotropic = diffusion(maker, ds.get, ds.get, float_list(ds, "ImageOrientationPatient", 6))
     if mosaic is not None and b_value is None and maker == "Siemens":
         b_value, gradient, isotropic = siemens_csa_diffusion(ds.dataset)
     patient_key = str(ds.get("PatientID", "") or "")

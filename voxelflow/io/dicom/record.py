@@ -53,7 +53,7 @@ class ScanRecord(TypedDict, total=False):
     # scaling divides by it (see voxelflow.io.dicom.vendor.philips_precise).
     scale_slope: float | None
     b_value: float | None  # s/mm², from the standard or the vendor's diffusion attributes
-    gradient: list[float] | None  # diffusion direction, unit vector in the patient frame (LPS)
+    gradient: list[float] | None  # diffusion direction in the patient frame (LPS), as written (~unit length)
     isotropic: bool | None  # a derived isotropic (trace) diffusion image
     attributes: str  # JSON: the allow-listed technical attributes (voxelflow.deid)
     frame_info: str | None  # JSON: per-frame geometry of enhanced multi-frame images and mosaics

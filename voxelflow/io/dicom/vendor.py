@@ -85,24 +85,33 @@ def _numbers(value: Any) -> list[float]:
         return []
 
 
-def diffusion(vendor_name: str, get: Callable[[str], Any], private: Callable[[str], Any]
-              ) -> tuple[float | None, list[float] | None, bool | None]:
+def diffusion(vendor_name: str, get: Callable[[str], Any], private: Callable[[str], Any],
+              orientation: list[float] | None = None) -> tuple[float | None, list[float] | None, bool | None]:
     """``(b-value, unit gradient direction in the patient frame (LPS), isotropic)`` of one
     image, from the standard DiffusionBValue / DiffusionGradientOrientation, else the
-    vendor's private attributes; ``(None, None, None)`` when it is not a diffusion image.
+    vendor's private attributes (GE's in the image frame: ``orientation`` is the image's
+    ImageOrientationPatient); ``(None, None, None)`` when it is not a diffusion image.
     A direction of zero length with b > 0 is an isotropic (trace) image, which dcm2niix
     leaves out of the 4-D DWI; so does voxelflow (it becomes a volume of its own)."""
     b = _numbers(get("DiffusionBValue"))
     g = _numbers(get("DiffusionGradientOrientation"))
     label = ""
+    ge_private = False
     if vendor_name == "GE":
         slop = _numbers(private("GE_SlopInt"))
         if not b and slop:
             # Some GE releases add 10^9 to the b-value to flag it (dcm2niix strips it too).
             b = [slop[0] % 1e9 if slop[0] >= 1e9 else slop[0]]
         if not g:
+            ge_private = True
             g = _numbers(private("GE_GradientX")) + _numbers(private("GE_GradientY")) + \
                 _numbers(private("GE_GradientZ"))
+            if len(g) == 3 and orientation:
+                # GE's vector is in the image frame (row, column, slice normal) with the
+                # in-plane signs flipped; in the patient frame it is -x row - y col + z normal
+                # (dcm2niix's bvecs in world space agree, checked on the corpus' GE DWI).
+                row, col = np.asarray(orientation[:3], float), np.asarray(orientation[3:], float)
+                g = list(-g[0] * row - g[1] * col + g[2] * np.cross(row, col))
     elif vendor_name == "Philips":
         b = b or _numbers(private("Philips_BFactor"))
         label = str(private("Philips_DiffusionDirection") or "").strip().upper()
@@ -115,7 +124,10 @@ def diffusion(vendor_name: str, get: Callable[[str], Any], private: Callable[[st
     vec = np.asarray(g[:3], float) if len(g) >= 3 else np.zeros(3)
     norm = float(np.linalg.norm(vec))
     isotropic = bval > 0 and (norm < 1e-6 or label == "I")
-    gradient = [float(v) for v in vec / norm] if norm >= 1e-6 else [0.0, 0.0, 0.0]
+    # GE's private directions are up to 0.1 % off unit length and dcm2niix writes them as they
+    # are; the standard and other vendors' directions are normalised, as dcm2niix does.
+    scale = 1.0 if ge_private else norm
+    gradient = [float(v) / scale for v in vec] if norm >= 1e-6 else [0.0, 0.0, 0.0]
     return bval, gradient, isotropic
 
 
