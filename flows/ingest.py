@@ -70,7 +70,8 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
 
         # 3. Convert, a batch of series per task.
         conv = {convert_series.submit(json.dumps(jobs), config.store, config.secret_file, config.chunk,
-                                      config.keep_localizers, str(scratch / "rows" / f"{i:06d}.parquet")): jobs
+                                      config.keep_localizers, str(scratch / "rows" / f"{i:06d}.parquet"),
+                                      config.resample_tilt): jobs
                 for i, jobs in enumerate(task_batches)}
         for fut in as_completed(list(conv)):
             jobs = conv[fut]

@@ -24,7 +24,7 @@ def scan_headers(batch: str, store: str, secret_file: str | None, out_path: str)
 
 @task(name="convert-series", cache_policy=NO_CACHE, **RETRY)
 def convert_series(jobs: str, store: str, secret_file: str | None, chunk: int, keep_localizers: bool,
-                   rows_path: str) -> dict:
+                   rows_path: str, resample_tilt: bool = False) -> dict:
     """Build and write the volumes of a batch of series / NIfTI files (``jobs``: JSON text of
     :func:`voxelflow.ingest.plan_jobs` jobs), a chunk of files at a time. Returns the paths of
     the Parquet parts (beside ``rows_path``, one pair per chunk, each sorted by key) holding
@@ -36,7 +36,7 @@ def convert_series(jobs: str, store: str, secret_file: str | None, chunk: int, k
     base = rows_path.removesuffix(".parquet")
     out: dict[str, list[str]] = {"volumes_tables": [], "files_tables": []}
     volumes = failed = 0
-    for i, rows in enumerate(ingest.convert_jobs(store, key, jobs, chunk, keep_localizers)):
+    for i, rows in enumerate(ingest.convert_jobs(store, key, jobs, chunk, keep_localizers, resample_tilt)):
         out["volumes_tables"].append(ingest.write_rows(rows["volumes"], "volumes", f"{base}.{i:04d}.volumes.parquet"))
         out["files_tables"].append(ingest.write_rows(rows["files"], "files", f"{base}.{i:04d}.files.parquet"))
         volumes += len(rows["volumes"])

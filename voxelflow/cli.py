@@ -51,7 +51,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     config = IngestConfig(sources=[str(s) for s in args.sources], store=str(args.store),
                           scratch=args.scratch, secret_file=args.secret_file,
                           batch_size=args.batch_size, chunk=args.chunk,
-                          keep_localizers=getattr(args, "keep_localizers", False))
+                          keep_localizers=getattr(args, "keep_localizers", False),
+                          resample_tilt=getattr(args, "resample_tilt", False))
     prepare_store(config.store, config.secret_file)  # fail fast: unwritable store, missing key
     api = _prefect_api()
     from flows.ingest import run_ingest
@@ -447,6 +448,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the run summary to this file")
     p.add_argument("--keep-localizers", action="store_true",
                    help="store localizer / scout images as 2-D images (default: skipped with the reason)")
+    p.add_argument("--resample-tilt", action="store_true",
+                   help="resample gantry-tilted CT onto an orthogonal grid, as dcm2niix's _Tilt (default: the exact "
+                        "sheared geometry)")
     add_dask(p)
     p.set_defaults(func=cmd_ingest)
 

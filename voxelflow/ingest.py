@@ -29,13 +29,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
-from voxelflow.geometry import orientation_code
+from voxelflow.geometry import orientation_code, shear_angle_deg
 from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
 from voxelflow.io.dicom import HEAD_BYTES, load_stack, stack_attributes, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
+from voxelflow.io.dicom.tilt import resample_orthogonal
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
 from voxelflow.store import clean_staging, init_store, store_id, write_volume
 
+
+TILT_MIN_DEG = 0.01  # shear below this is rounding in the positions, not a gantry tilt
 
 # Tasks per stage at most: each Prefect task costs ~0.1-0.3 s of API calls and scheduling,
 # so a 10^6-file archive in 256-file batches would spend longer orchestrating than working.
@@ -59,6 +62,9 @@ class IngestConfig(BaseModel):
     chunk: int = Field(64, ge=8, description="chunk edge length in voxels")
     keep_localizers: bool = Field(False, description="store localizer / scout images (as 2-D images) "
                                                      "instead of skipping them")
+    resample_tilt: bool = Field(False, description="resample gantry-tilted (sheared) stacks onto an orthogonal "
+                                                   "grid, as dcm2niix's _Tilt output, instead of keeping their "
+                                                   "exact sheared geometry; the catalog records which was done")
 
     @field_validator("sources")
     @classmethod
@@ -543,7 +549,8 @@ def _volume_row(volume_id: str, info, affine: np.ndarray, *, kind: str, first: d
 
 
 def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict],
-                         chunk: int = 64, keep_localizers: bool = False) -> tuple[list[dict], list[dict]]:
+                         chunk: int = 64, keep_localizers: bool = False,
+                         resample_tilt: bool = False) -> tuple[list[dict], list[dict]]:
     """Plan and write the volumes of one DICOM series. Returns ``(volume_rows, file_rows)``.
 
     Bad input never raises: each file gets its row (``failed`` with the reason).
@@ -581,7 +588,16 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         try:
             data = load_stack(plan)
             extra = stack_attributes(plan)
-            info = write_volume(store, volume_id, data, plan.affine, chunk=chunk, time_step=plan.time_step, attributes={
+            affine = plan.affine
+            if shear_angle_deg(affine) > TILT_MIN_DEG:
+                if resample_tilt:
+                    data, affine = resample_orthogonal(data, affine, where=f"series {series} [{plan.label}]")
+                    extra["tilt"] = (f"resampled: a gantry tilt of {shear_angle_deg(plan.affine):.2f} degrees "
+                                     "resampled onto an orthogonal grid (linear, as dcm2niix's _Tilt)")
+                else:
+                    extra["tilt"] = (f"sheared: a gantry tilt of {shear_angle_deg(affine):.2f} degrees kept "
+                                     "as exact sheared geometry (every slice at its ImagePositionPatient)")
+            info = write_volume(store, volume_id, data, affine, chunk=chunk, time_step=plan.time_step, attributes={
                 "kind": "dicom", "modality": plan.files[0]["modality"],
                 "warnings": plan.warnings, "stack": plan.label, **extra})
         except InvalidInputError as exc:
@@ -590,7 +606,7 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
             continue
         files = _distinct_files(plan.files)  # a multi-frame file is one file, not one per frame
         volume_rows.append(_volume_row(
-            volume_id, info, plan.affine, kind="dicom", first=plan.files[0], stack=plan.label,
+            volume_id, info, affine, kind="dicom", first=plan.files[0], stack=plan.label,
             files=files, attributes=json.dumps(json.loads(plan.files[0]["attributes"] or "{}") | extra, sort_keys=True),
             warnings=plan.warnings))
         file_rows.extend(_file_row(r, "converted", None, volume_id) for r in files)
@@ -638,28 +654,29 @@ CONVERT_CHUNK = 1024
 
 
 def convert_jobs(store: str, key: bytes, jobs: list[dict], chunk: int = 64,
-                 keep_localizers: bool = False) -> Iterator[dict[str, list[dict]]]:
+                 keep_localizers: bool = False, resample_tilt: bool = False) -> Iterator[dict[str, list[dict]]]:
     """Run a batch of jobs, :data:`CONVERT_CHUNK` files at a time: yields ``{"volumes": [...],
     "files": [...]}`` rows per chunk of jobs, reading only that chunk's scan records."""
     group: list[dict] = []
     count = 0
     for job in [*jobs, None]:
         if group and (job is None or count + job["n"] > CONVERT_CHUNK):
-            yield _convert_group(store, key, group, chunk, keep_localizers)
+            yield _convert_group(store, key, group, chunk, keep_localizers, resample_tilt)
             group, count = [], 0
         if job is not None:
             group.append(job)
             count += job["n"]
 
 
-def _convert_group(store: str, key: bytes, jobs: list[dict], chunk: int, keep_localizers: bool) -> dict:
+def _convert_group(store: str, key: bytes, jobs: list[dict], chunk: int, keep_localizers: bool,
+                   resample_tilt: bool) -> dict:
     volumes: list[dict] = []
     files: list[dict] = []
     tables = read_job_tables(jobs)  # only these jobs' rows
     for job in jobs:
         records = job_records(job, tables=tables)
         if job["kind"] == "dicom":
-            v, f = convert_dicom_series(store, key, job["series"], records, chunk, keep_localizers)
+            v, f = convert_dicom_series(store, key, job["series"], records, chunk, keep_localizers, resample_tilt)
         else:
             v, f = convert_nifti_file(store, key, records[0], chunk)
         volumes.extend(v)
@@ -858,7 +875,8 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
         rows = RunRows(scratch / "run")
         task_batches = plan_jobs(tables, config.files_per_task, rows, Previous(config.store))
         for jobs in task_batches:
-            for converted in convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers):
+            for converted in convert_jobs(config.store, key, jobs, config.chunk, config.keep_localizers,
+                                          config.resample_tilt):
                 rows.add("volumes", converted["volumes"])
                 rows.add("files", converted["files"])
         check_accounting(listing, rows)
