@@ -18,6 +18,17 @@ from voxelflow.io.dicom.values import float_list, integer, number, seconds
 from voxelflow.io.dicom.vendor import component, vendor
 
 
+def _csareader():
+    """nibabel's Siemens CSA header reader, imported on first use (mosaics and Siemens DWI
+    only) and quietly: nicom warns at import that its *wrappers* are experimental."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import csareader
+    return csareader
+
+
 def mosaic_info(ds: pydicom.Dataset, path: str, rows: int, cols: int) -> dict[str, Any]:
     """Record fields of a Siemens mosaic: its tiles as frames, each with the position of its
     slice. The CSA image header (read by nibabel's ``nicom``) gives the number of slices and
@@ -31,12 +42,8 @@ def mosaic_info(ds: pydicom.Dataset, path: str, rows: int, cols: int) -> dict[st
         UnsupportedDataError: no usable CSA header, or the geometry is incomplete.
     """
     import math
-    import warnings
 
-    with warnings.catch_warnings():  # nicom warns at import that its *wrappers* are experimental
-        warnings.simplefilter("ignore", UserWarning)
-        from nibabel.nicom import csareader
-
+    csareader = _csareader()
     try:
         csa = csareader.get_csa_header(ds, "image")
         n = csareader.get_n_mosaic(csa) if csa else None
@@ -164,11 +171,7 @@ def _frame_diffusion(item: pydicom.Dataset | None) -> dict[str, Any]:
 def siemens_csa_diffusion(ds: pydicom.Dataset) -> tuple[float | None, list[float] | None, bool | None]:
     """b-value and direction of a Siemens image from its CSA image header (``B_value``,
     ``DiffusionGradientDirection``), where classic Siemens DWI (mosaics) keep them."""
-    import warnings
-
-    with warnings.catch_warnings():  # nicom warns at import that its *wrappers* are experimental
-        warnings.simplefilter("ignore", UserWarning)
-        from nibabel.nicom import csareader
+    csareader = _csareader()
     try:
         csa = csareader.get_csa_header(ds, "image")
         b = csareader.get_b_value(csa) if csa else None
