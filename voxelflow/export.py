@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-from voxelflow import catalog
+from voxelflow import catalog, location
 from voxelflow.io.dicom.diffusion import write_fsl
 from voxelflow.store import open_volume
 
 
 def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.PathLike) -> Path:
     """Write one volume (level 0) as NIfTI-1; sform and qform both carry the stored affine. A
-    DWI volume gets ``.bval`` / ``.bvec`` beside it (FSL's convention, this image's voxel axes)."""
+    DWI volume gets ``.bval`` / ``.bvec`` beside it (FSL's convention, this image's voxel axes),
+    a DICOM volume its BIDS sidecar ``.json`` (technical attributes, dcm2niix's fields and units)."""
     vol = open_volume(store, volume_id)
     data = vol.to_nifti_order()
     img = nib.Nifti1Image(data, vol.affine)
@@ -32,9 +34,13 @@ def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.P
     tmp = out.with_name(f".{out.name}.partial.nii.gz" if out.name.endswith(".gz") else f".{out.name}.partial.nii")
     nib.save(img, tmp)
     os.replace(tmp, out)
+    stem = str(out.with_name(_stem(out.name)))
     diffusion = (vol.attributes or {}).get("diffusion")
     if diffusion and data.ndim == 4:  # DWI: FSL b-values and directions in this image's voxel frame
-        write_fsl(diffusion, vol.affine, str(out.with_name(_stem(out.name))))
+        write_fsl(diffusion, vol.affine, stem)
+    sidecar = (vol.attributes or {}).get("sidecar")
+    if sidecar:  # BIDS: technical attributes only (voxelflow.io.dicom.sidecar's allow-list)
+        location.write_bytes(f"{stem}.json", (json.dumps(sidecar, indent=2, sort_keys=True) + "\n").encode())
     return out
 
 

@@ -32,6 +32,7 @@ from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code, shear_angle_deg
 from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
 from voxelflow.io.dicom import HEAD_BYTES, load_stack, stack_attributes, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
+from voxelflow.io.dicom.sidecar import stack_sidecar
 from voxelflow.io.dicom.tilt import resample_orthogonal
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
@@ -588,6 +589,12 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         try:
             data = load_stack(plan)
             extra = stack_attributes(plan)
+            try:
+                extra["sidecar"] = stack_sidecar(plan.files, plan.timepoints)
+            except OSError:
+                raise  # transient: the task retries
+            except Exception as exc:  # noqa: BLE001 - a malformed private block costs the sidecar, not the volume
+                plan.warnings.append(f"no BIDS sidecar: {type(exc).__name__}: {exc}")
             affine = plan.affine
             if shear_angle_deg(affine) > TILT_MIN_DEG:
                 if resample_tilt:

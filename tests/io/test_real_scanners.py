@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import fnmatch
+import json
 import time
 from pathlib import Path
 
@@ -107,17 +108,25 @@ def _compare(ours: Path, ref: Path) -> str:
     return ""
 
 
-def test_every_reference_matches_in_world_space(converted):
-    repos, seconds = converted
-    matched, misses = 0, {}
+@pytest.fixture(scope="module")
+def matches(converted) -> dict[str, tuple[Path | None, str]]:
+    """Each reference -> (our exported volume equal to it, or None; why not)."""
+    repos, _ = converted
+    out = {}
     for repo, folder, ref in _references():
         name = f"{repo}/{ref}"
         candidates = [path for vol, path in repos[repo][1] if _of_series(folder, vol)]
-        results = [_compare(path, CORPUS / repo / ref) for path in candidates] if name not in KNOWN else []
-        if "" in results:
-            matched += 1
-        else:
-            misses[name] = KNOWN.get(name) or "; ".join(sorted(set(results))) or "no volume from its series"
+        results = [(path, _compare(path, CORPUS / repo / ref)) for path in candidates] if name not in KNOWN else []
+        same = [path for path, why in results if not why]
+        out[name] = (same[0], "") if same else (
+            None, KNOWN.get(name) or "; ".join(sorted({why for _, why in results})) or "no volume from its series")
+    return out
+
+
+def test_every_reference_matches_in_world_space(converted, matches):
+    _, seconds = converted
+    matched = sum(path is not None for path, _ in matches.values())
+    misses = {name: why for name, (path, why) in matches.items() if path is None}
     total = len(_references())
     print(f"\n{matched}/{total} references matched (ingest + export of the corpus: {seconds:.1f} s)")
     for name, why in misses.items():
@@ -136,3 +145,39 @@ def test_every_input_file_has_one_row_and_no_series_is_refused_for_want_of_a_dis
         assert all(r["reason"] for r in files if r["status"] != "converted")
         refused = [r for r in files if "separates them" in (r["reason"] or "")]
         assert not refused, refused[:3]
+
+
+def test_sidecars_equal_dcm2niix_for_every_field_both_write(matches):
+    from tests.io.test_sidecar import NOT_COMPARED, _axes_of_reference, _in_our_frame, _known, _same
+
+    compared = same = 0
+    wrong = []
+    for name, (ours, _) in matches.items():
+        if ours is None:
+            continue
+        sidecar = Path(str(ours).removesuffix(".nii.gz") + ".json")
+        assert sidecar.is_file(), f"no sidecar beside the export of {name}"
+        mine = json.loads(sidecar.read_text())
+        ref_path = CORPUS / name.removesuffix(".nii.gz")
+        ref = json.loads(Path(f"{ref_path}.json").read_text())
+        orientation = nib.load(ours).affine  # our voxel axes: DICOM rows, columns, normal (RAS)
+        axes = _axes_of_reference(Path(f"{ref_path}.nii.gz"), _dicom_orientation(orientation))
+        for field in sorted(set(mine) & set(ref) - NOT_COMPARED):
+            compared += 1
+            if _same(mine[field], _in_our_frame(field, ref[field], axes)):
+                same += 1
+            elif not _known(ref_path.name, field):
+                wrong.append(f"{name}.{field}: voxelflow {mine[field]!r} dcm2niix {ref[field]!r}")
+        for field in ("Modality", "Manufacturer", "EchoTime", "RepetitionTime"):
+            assert field not in ref or field in mine, f"{name}: the sidecar lacks {field}"
+    print(f"\nsidecar fields through ingest + export: {same}/{compared} equal to dcm2niix's")
+    assert compared > 1000
+    assert not wrong, "\n".join(wrong)
+
+
+def _dicom_orientation(affine: np.ndarray) -> list[float]:
+    """ImageOrientationPatient (LPS row and column cosines) of an image voxelflow exported:
+    its first two voxel axes run along DICOM's rows and columns."""
+    axes = affine[:3, :2] / np.linalg.norm(affine[:3, :2], axis=0)
+    lps = np.diag([-1.0, -1.0, 1.0]) @ axes
+    return [*lps[:, 0], *lps[:, 1]]

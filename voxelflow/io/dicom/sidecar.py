@@ -4,10 +4,14 @@ the volume's first image.
 Analysis tools (fMRIPrep, FSL topup, SPM slice timing) read acquisition parameters from the
 sidecar beside a NIfTI, in the units and conventions dcm2niix writes: times in seconds,
 ``PhaseEncodingDirection`` relative to the image's voxel axes, ``SliceTiming`` in slice order.
-:func:`bids_sidecar` writes the same values as dcm2niix (v1.0.20260724) for every field both
+:func:`bids_sidecar` writes the same values as dcm2niix (v1.0.20260724) for the fields both
 write; ``tests/io/test_sidecar.py`` checks it field by field on the real GE, Philips and
-Siemens series of the DICOM corpus. The field rules follow dcm2niix's ``nii_SaveBIDSX``
-(``console/nii_dicom_batch.cpp``) and its tag readers (``console/nii_dicom.cpp``).
+Siemens series of the DICOM corpus and lists the few exceptions with their reasons (values
+dcm2niix derives from private data or times of day, and one dcm2niix bug). The rules follow
+dcm2niix's ``nii_SaveBIDSX`` (``console/nii_dicom_batch.cpp``) and its tag readers
+(``console/nii_dicom.cpp``). Fields dcm2niix takes from private data only (Siemens'
+BaseResolution, PartialFourier, BandwidthPerPixelPhaseEncode and the echo spacing and
+readout time derived from it; Philips' scale slopes and water-fat shift) are left out.
 
 De-identification is by construction: :func:`bids_sidecar` reads only the keywords of
 :data:`SIDECAR_KEYWORDS` and ignores every other key it is given, so names, IDs, UIDs, dates,
@@ -55,8 +59,8 @@ SIDECAR_KEYWORDS: tuple[str, ...] = (
     "BodyPartExamined", "PatientPosition",
     # sequence
     "MRAcquisitionType", "ScanningSequence", "SequenceVariant", "ScanOptions", "SequenceName",
-    "EchoPulseSequence", "ImageType", "ComplexImageComponent", "EchoNumbers", "EchoTime",
-    "EffectiveEchoTime", "RepetitionTime", "InversionTime", "FlipAngle", "EchoTrainLength",
+    "PulseSequenceName", "EchoPulseSequence", "ImageType", "ComplexImageComponent", "EchoNumbers",
+    "EchoTime", "EffectiveEchoTime", "RepetitionTime", "InversionTime", "FlipAngle", "EchoTrainLength",
     "NumberOfAverages", "SAR", "MagnetizationTransfer", "Spoiling",
     # geometry of the exported image
     "Rows", "Columns", "SliceThickness", "SpacingBetweenSlices", "ImageOrientationPatient",
@@ -100,9 +104,10 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
             InPlanePhaseEncodingDirection (increasing column index for ROW, increasing row
             index for COL), 0 when it runs the other way, None when unknown. With it,
             ``PhaseEncodingDirection`` is ``i``/``i-`` (ROW) or ``j``/``j-`` (COL) relative to
-            the exported image's voxel axes (voxelflow's i runs along DICOM columns, j along
-            DICOM rows, neither flipped); without it the sidecar says ``PhaseEncodingAxis``.
-            For GE, RectilinearPhaseEncodeReordering gives it when this is None.
+            the exported image's voxel axes: voxelflow's i is the DICOM column index, j the
+            row index, neither flipped, so its ``j`` is dcm2niix's ``j-`` (dcm2niix flips the
+            rows). Without it the sidecar says ``PhaseEncodingAxis``, as dcm2niix does. For GE,
+            RectilinearPhaseEncodeReordering gives it when this is None.
         extra: values for this volume that override or add to ``attributes``, same keywords
             and form: the functional-group values of enhanced multi-frame files (see
             :func:`functional_group_attributes`; dcm2niix reads EchoTime from MREchoSequence,
@@ -114,7 +119,8 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
             epiRT's RepetitionTime, :func:`repetition_time_ge`).
 
     Returns:
-        Field name -> JSON value, in dcm2niix's order; ``ConversionSoftware`` is "voxelflow".
+        Field name -> JSON value, in about dcm2niix's order; ``ConversionSoftware`` is
+        "voxelflow". Fields without a value are left out, as dcm2niix leaves them out.
     """
     a = {k: v for k, v in attributes.items() if k in _ALLOWED and _present(v)}
     a.update({k: v for k, v in (extra or {}).items() if k in _ALLOWED and _present(v)})
@@ -131,15 +137,17 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
     if manufacturer:
         out["Manufacturer"] = manufacturer
     _string(out, "ManufacturersModelName", a.get("ManufacturerModelName"))
-    _string(out, "BodyPart", a.get("BodyPartExamined"))  # dcm2niix's (and BIDS') name
+    _string(out, "BodyPart", a.get("BodyPartExamined"))  # dcm2niix's name for it
     _string(out, "PatientPosition", a.get("PatientPosition"))
     _string(out, "SoftwareVersions", a.get("SoftwareVersions"))
     acquisition_type = _text(a.get("MRAcquisitionType")).upper()
     is_3d = acquisition_type == "3D"
     if acquisition_type in ("2D", "3D"):
         out["MRAcquisitionType"] = acquisition_type
-    for key in ("ScanningSequence", "SequenceVariant", "ScanOptions", "SequenceName"):
+    for key in ("ScanningSequence", "SequenceVariant", "ScanOptions"):
         _string(out, key, a.get(key))
+    # enhanced files name the sequence in PulseSequenceName (0018,9005) only
+    _string(out, "SequenceName", a.get("SequenceName") or a.get("PulseSequenceName"))
 
     image_type = _strings(a.get("ImageType"))
     if image_type:
@@ -171,6 +179,8 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
     if spoiling in ("RF", "GRADIENT", "RF_AND_GRADIENT"):
         out["SpoilingState"] = True
         out["SpoilingType"] = {"RF_AND_GRADIENT": "COMBINED"}.get(spoiling, spoiling)
+    elif spoiling == "NONE":
+        out["SpoilingState"] = False
     elif not spoiling and "SP" in _strings(a.get("SequenceVariant")):
         out["SpoilingState"] = True  # Siemens V-series record spoiling only in SequenceVariant
     _positive(out, "InversionTime", _ms_to_s(_num(a.get("InversionTime"))))
@@ -184,7 +194,8 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
     direction = _text(a.get("PartialFourierDirection")).upper()
     if direction in ("PHASE", "FREQUENCY", "SLICE_SELECT", "COMBINATION"):
         out["PartialFourierDirection"] = direction
-    steps = _int(a.get("MRAcquisitionPhaseEncodingStepsInPlane")) or _int(a.get("NumberOfPhaseEncodingSteps"))
+    steps = (_int(a.get("MRAcquisitionPhaseEncodingStepsInPlane"))
+             or _int(a.get("NumberOfPhaseEncodingSteps")))
     if steps and steps > 0:
         partial = (_text(a.get("PartialFourier")).upper().startswith("Y")
                    or "PFF" in _strings(a.get("ScanOptions")))
@@ -205,10 +216,10 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
     recon = _recon_matrix_pe(_int(a.get("Rows")), _int(a.get("Columns")), rc) or lines
     if recon and modality == "MR":
         out["ReconMatrixPE"] = recon
-    if manufacturer != "Siemens":  # Siemens' standard value is not its iPAT factor (dcm2niix)
+    if manufacturer != "Siemens":  # dcm2niix reads Siemens' acceleration from private tags only
         for key in ("ParallelReductionFactorInPlane", "ParallelReductionFactorOutOfPlane"):
             value = _num(a.get(key))
-            if value is not None and value > 1:
+            if value is not None and value >= 1:
                 out[key] = value
     _string(out, "ParallelAcquisitionTechnique", a.get("ParallelAcquisitionTechnique"))
     _positive(out, "PixelBandwidth", _num(a.get("PixelBandwidth")))
@@ -225,6 +236,8 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
     polarity = phase_polarity
     if polarity is None and manufacturer == "GE":
         polarity = _ge_reordering_polarity(a.get("RectilinearPhaseEncodeReordering"))
+    if manufacturer == "GE" and polarity in (0, 1):
+        out["PhaseEncodingPolarityGE"] = "Unflipped" if polarity == 1 else "Flipped"
     if rc in ("R", "C") and not skip_phase:
         axis = "i" if rc == "R" else "j"
         if polarity in (0, 1):
@@ -234,7 +247,12 @@ def bids_sidecar(attributes: Mapping[str, Any], *, slice_times: Sequence[float] 
 
     if slice_times is not None and len(slice_times) > 0 and not is_3d and modality not in ("CT", "PT"):
         start = min(float(t) for t in slice_times)
-        out["SliceTiming"] = [round(float(t) - start, 6) for t in slice_times]  # µs: beyond any scanner's clock
+        timing = [round(float(t) - start, 6) for t in slice_times]  # µs: beyond any scanner's clock
+        # slices excited together (simultaneous multi-slice) share the earliest time
+        together = sum(1 for t in timing if abs(t) < 1e-6)
+        if 1 < together < len(timing):
+            out["MultibandAccelerationFactor"] = together
+        out["SliceTiming"] = timing
 
     orientation = [_num(v) for v in _strings(a.get("ImageOrientationPatient"))]
     if len(orientation) == 6 and None not in orientation and any(orientation):
@@ -283,7 +301,9 @@ def functional_group_attributes(ds: pydicom.Dataset, frame: int = 0) -> dict[str
         groups.append(per_frame[frame])
     for group in groups:
         for element in group:
-            if element.VR != "SQ" or not element.value:
+            # standard functional-group macros only: a private one (Philips' 2005,140F) holds
+            # a whole classic header of other values
+            if element.VR != "SQ" or not element.value or element.tag.group % 2:
                 continue
             for keyword in SIDECAR_KEYWORDS:
                 value = element.value[0].get(keyword)
@@ -308,9 +328,11 @@ def slice_times_from_csa(volumes: Sequence[pydicom.Dataset]) -> list[float] | No
 
     ``MosaicRefAcqTimes`` (ms) lists one time per tile; tiles are ordered along the CSA
     ``SliceNormalVector``, so they are reversed when that points against the row x column
-    normal the export sorts slices by. As dcm2niix does, the first volume whose times are
-    plausible (they vary and span less than the TR) is used: CMRR multiband sequences write
-    bogus times into the first volume.
+    normal the export sorts slices by. Which volume's times, as dcm2niix (v1.0.20260724)
+    chooses: the first volume's, unless they are implausible (they must vary and span no
+    more than the TR: CMRR multiband sequences write bogus times into the first volume) or
+    span a different time than the second volume's (its issue 870), when the second volume's
+    are taken.
 
     Args:
         volumes: one mosaic per volume, in acquisition order (the first two suffice).
@@ -318,23 +340,34 @@ def slice_times_from_csa(volumes: Sequence[pydicom.Dataset]) -> list[float] | No
     Returns:
         Seconds per slice in the export's slice order, or None without usable times.
     """
-    fallback = None
-    for ds in volumes:
-        tags = _csa_tags(ds)
-        times = _csa_floats(tags, "MosaicRefAcqTimes")
-        normal = _csa_floats(tags, "SliceNormalVector")
-        n = _csa_floats(tags, "NumberOfImagesInMosaic")
-        if not times:
-            continue
-        if n:
-            times = times[:int(n[0])]
-        times = [t / 1000.0 for t in times]
-        if len(normal) == 3 and float(np.dot(normal, _slice_normal(ds))) < 0:
-            times = times[::-1]
-        if plausible_slice_times(times, _num(_normalise(ds.get("RepetitionTime", 0))) or 0):
-            return times
-        fallback = fallback or times
-    return fallback
+    if not volumes:
+        return None
+    tr = _num(_normalise(volumes[0].get("RepetitionTime", 0))) or 0.0
+    first = _mosaic_times(volumes[0])
+    second = _mosaic_times(volumes[1]) if len(volumes) > 1 else None
+    if second and plausible_slice_times(second, tr) and not (
+            first and plausible_slice_times(first, tr) and abs(_span(first) - _span(second)) < 1e-6):
+        return second
+    return first or second
+
+
+def _span(times: Sequence[float]) -> float:
+    return max(times) - min(times)
+
+
+def _mosaic_times(ds: pydicom.Dataset) -> list[float] | None:
+    tags = _csa_tags(ds)
+    times = _csa_floats(tags, "MosaicRefAcqTimes")
+    if not times:
+        return None
+    n = _csa_floats(tags, "NumberOfImagesInMosaic")
+    if n:
+        times = times[:int(n[0])]
+    times = [t / 1000.0 for t in times]
+    normal = _csa_floats(tags, "SliceNormalVector")
+    if len(normal) == 3 and float(np.dot(normal, _slice_normal(ds))) < 0:
+        times = times[::-1]
+    return times
 
 
 def phase_polarity_from_csa(ds: pydicom.Dataset) -> int | None:
@@ -347,8 +380,9 @@ def slice_times_from_frames(volumes: Sequence[pydicom.Dataset]) -> list[float] |
     """Slice times of a Siemens XA enhanced volume from the per-frame ``TimeAfterStart``.
 
     Siemens XA writes each frame's time after the start of the scan (s) in the private
-    (0021,1104) of its "SIEMENS MR SDI 02" block. dcm2niix prefers it to FrameAcquisitionDateTime
-    (0018,9074), which Siemens' own de-identification scrambles, and takes it from the second
+    (0021,1104) of its "SIEMENS MR SDI 02" block. dcm2niix prefers it to the standard
+    FrameAcquisitionDateTime (0018,9074), which Siemens' own de-identification scrambles (and
+    which is a time of day), and takes it from the second
     volume when there are several, because the first volume's times can be wrong (its issues
     236, 240); this helper does the same. Frames at a repeated position (a second volume in
     the same file) are skipped.
@@ -431,20 +465,22 @@ def slice_times_ge(volume: Sequence[pydicom.Dataset]) -> list[float] | None:
     step = (tr - group_delay) / excitations
     if interleaved:
         n_odd = (excitations - 1) // 2
-        times = [(i // 2) * step if i % 2 == 0 else (n_odd + (i + 1) // 2) * step for i in range(excitations)]
+        # even excitations first (0, 2, 4...), then the odd ones
+        times = [(i // 2 if i % 2 == 0 else n_odd + (i + 1) // 2) * step for i in range(excitations)]
         if mb > 1 and is27r3 and excitations > 2 and excitations % 2 == 0:
             times[-1], times[-3] = times[-3], times[-1]
     else:
         times = [i * step for i in range(excitations)]
     normal = _slice_normal(first)
-    by_position = sorted(range(n), key=lambda i: float(np.dot(normal, [float(v) for v in images[i].ImagePositionPatient])))
-    return [times[i % excitations] / 1000.0 for i in by_position]
+    along = [float(np.dot(normal, [float(v) for v in d.ImagePositionPatient])) for d in images]
+    return [times[i % excitations] / 1000.0 for i in sorted(range(n), key=along.__getitem__)]
 
 
 def repetition_time_ge(ds: pydicom.Dataset) -> float | None:
-    """GE's repetition time (ms) between volumes: RepetitionTime plus the epiRT group delay
-    (0043,107C), which dcm2niix adds (a 2 s TR with a 3 s delay acquires a volume every 5 s)."""
-    tr = _num(_normalise(ds.get("RepetitionTime"))) if ds.get("RepetitionTime") not in (None, "") else None
+    """GE's repetition time (ms) between volumes, as dcm2niix reports it: RepetitionTime plus
+    the group delay after each volume (epiRT's 0043,107C, or a multi-phase EPI's DELACQ):
+    a 2 s TR with a 3 s delay acquires a volume every 5 s. Pass it in ``extra``."""
+    tr = _num(_normalise(ds.get("RepetitionTime", "")))
     if tr is None:
         return None
     return tr + _ge_group_delay_ms(ds)
@@ -474,7 +510,9 @@ def phase_polarity_ge(ds: pydicom.Dataset) -> int | None:
     if version >= 25.002:
         header += 0x004C
         view_order -= 0x008C
-    word = lambda at: int.from_bytes(raw[header + at:header + at + 2], "little")  # noqa: E731
+    def word(at: int) -> int:
+        return int.from_bytes(raw[header + at:header + at + 2], "little")
+
     if not word(0x003A) & 0x0800:
         return None  # not EPI
     flipped = bool(word(0x0030) & 0x0004)
@@ -515,23 +553,37 @@ def plausible_slice_times(times: Sequence[float], repetition_time_ms: float) -> 
 # --- rules and readers ---------------------------------------------------------------------
 
 def _image_type(values: list[str], complex_component: str, manufacturer: str | None) -> list[str]:
-    """ImageType as dcm2niix writes it: the stored values, then what the image is
-    (MAGNITUDE/PHASE/REAL/IMAGINARY) when no value says so already."""
-    joined = "_" + "_".join(values) + "_"
-    inner = values[1:-1]  # dcm2niix matches "_M_", "_P_"...: not the first or last value
+    """ImageType as dcm2niix writes it: the stored values split at backslashes and
+    underscores (Philips' ``M_FFE`` becomes ``M``, ``FFE``), then what the image is
+    (MAGNITUDE, PHASE, REAL, IMAGINARY) when no value says so already.
+
+    dcm2niix reads the kind from the values it joined with underscores (``_M_``, ``_P_``,
+    ``_REAL_``...: so not from the first or last value, except PHASE anywhere) and from
+    ComplexImageComponent. It names no magnitude in a MIXED image (Philips' enhanced files
+    holding magnitude and phase frames).
+    """
+    joined = "_".join(values)
     has = {
-        "PHASE": "P" in inner or any("PHASE" in v for v in values) or complex_component == "PHASE",
-        "REAL": "R" in inner or "REAL" in inner or complex_component == "REAL",
-        "IMAGINARY": "I" in inner or "IMAGINARY" in inner or complex_component == "IMAGINARY",
-        "MAGNITUDE": "M" in inner or "MAGNITUDE" in inner or complex_component == "MAGNITUDE",
+        "PHASE": "_P_" in joined or "PHASE" in joined or complex_component == "PHASE",
+        "REAL": "_R_" in joined or "_REAL_" in joined or complex_component == "REAL",
+        "IMAGINARY": "_I_" in joined or "_IMAGINARY_" in joined or complex_component == "IMAGINARY",
+        "MAGNITUDE": "_M_" in joined or "_MAGNITUDE_" in joined or complex_component == "MAGNITUDE",
     }
-    out = list(values)
+    out = [token for token in joined.split("_") if token]
     for token in ("PHASE", "REAL", "IMAGINARY"):
         if has[token] and (manufacturer == "GE" or f"_{token}_" not in joined):
             out.append(token)
-    if has["MAGNITUDE"] and not (has["PHASE"] or has["REAL"] or has["IMAGINARY"]) and "MAGNITUDE" not in values:
+    if (has["MAGNITUDE"] and not (has["PHASE"] or has["REAL"] or has["IMAGINARY"]) and "MIXED" not in out
+            and (manufacturer == "GE" or "_MAGNITUDE_" not in joined)):
         out.append("MAGNITUDE")
     return out
+
+
+def complex_component_ge(ds: pydicom.Dataset) -> str | None:
+    """What a GE image's values are, from GE's private image type (0043,102F: 0 magnitude,
+    1 phase, 2 real, 3 imaginary), as a ComplexImageComponent value for ``extra``."""
+    value = _int(_private(ds, 0x0043, "GEMS_PARM_01", 0x2F))
+    return {0: "MAGNITUDE", 1: "PHASE", 2: "REAL", 3: "IMAGINARY"}.get(value) if value is not None else None
 
 
 def _phase_encoding_lines(matrix: Any) -> int | None:
@@ -562,7 +614,12 @@ def _ge_reordering_polarity(value: Any) -> int | None:
 
 
 def _ge_group_delay_ms(ds: pydicom.Dataset) -> float:
+    """GE's group delay (ms) after each volume: epiRT's (0043,107C) in seconds, else a
+    multi-phase EPI's DELACQ of the protocol block in seconds ("Minimum" means none)."""
     value = _private(ds, 0x0043, "GEMS_PARM_01", 0x7C)
+    if value is None:
+        block = ge_protocol_block(ds) or {}
+        value = block.get("DELACQ") if "MPH" in block.get("IOPT", "").upper() else None
     try:
         return max(0.0, float(value) * 1000.0)
     except (TypeError, ValueError):
@@ -702,3 +759,49 @@ def _version() -> str | None:
         return version("voxelflow")
     except Exception:  # noqa: BLE001 - not installed: leave the version out
         return None
+
+
+def stack_sidecar(files: Sequence[Mapping[str, Any]], timepoints: int = 1) -> dict[str, Any]:
+    """The sidecar of one planned stack (its scan records in slice order, time-major), read
+    from its files while ingest still has them (``local``): the allow-listed attributes of
+    its first image, the functional groups of its frame in an enhanced file, and the vendor's
+    slice times and phase-encoding polarity (one helper per source, as above).
+
+    Raises:
+        OSError: a file cannot be read (ingest treats it as transient).
+    """
+    first = files[0]
+    ds = _header(first["local"])
+    attributes = {k: _normalise(ds.get(k)) for k in SIDECAR_KEYWORDS if ds.get(k) not in (None, "")}
+    extra: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {}
+    enhanced = "PerFrameFunctionalGroupsSequence" in ds and not first.get("mosaic")
+    if enhanced:
+        extra.update(functional_group_attributes(ds, int(first.get("frame") or 0)))
+    per = len(files) // max(timepoints, 1)
+    # one file per volume of the first two time points (a mosaic or an enhanced file each)
+    volumes = [files[k * per]["local"] for k in range(min(timepoints, 2))]
+    maker = first.get("manufacturer") or ""
+    if maker == "Siemens":
+        if first.get("mosaic"):
+            kwargs["slice_times"] = slice_times_from_csa([ds] + [_header(p) for p in volumes[1:]
+                                                                  if p != first["local"]])
+            kwargs["phase_polarity"] = phase_polarity_from_csa(ds)
+            extra.update(Rows=float(first["rows"]), Columns=float(first["cols"]))  # the tiles
+        elif enhanced:
+            others = [_header(p) for p in volumes[1:] if p != first["local"]]
+            kwargs["slice_times"] = slice_times_from_frames([ds] + others)
+            kwargs["phase_polarity"] = phase_polarity_from_frames(ds)
+        else:
+            kwargs["phase_polarity"] = phase_polarity_from_csa(ds)
+    elif maker == "GE":
+        if timepoints > 1:  # dcm2niix times GE slices of 4-D series only
+            kwargs["slice_times"] = slice_times_ge([ds] + [_header(r["local"]) for r in files[1:per]])
+        kwargs["phase_polarity"] = phase_polarity_ge(ds)
+        extra["RepetitionTime"] = repetition_time_ge(ds)
+        extra["ComplexImageComponent"] = complex_component_ge(ds)
+    return bids_sidecar(attributes, extra={k: v for k, v in extra.items() if v is not None}, **kwargs)
+
+
+def _header(path: str) -> pydicom.Dataset:
+    return pydicom.dcmread(path, force=True, stop_before_pixels=True)
