@@ -20,6 +20,11 @@ def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.P
     a DICOM volume its BIDS sidecar ``.json`` (technical attributes, dcm2niix's fields and units)."""
     vol = open_volume(store, volume_id)
     data = vol.to_nifti_order()
+    if vol.channels == "RGB":  # a colour map: NIfTI's RGB24, as dcm2niix writes it
+        rgb = np.empty(data.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+        for k, name in enumerate("RGB"):
+            rgb[name] = data[..., k]
+        data = rgb
     img = nib.Nifti1Image(data, vol.affine)
     img.set_sform(vol.affine, code=1)  # scanner-based anatomical coordinates
     img.set_qform(vol.affine, code=1)

@@ -604,7 +604,8 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
                 else:
                     extra["tilt"] = (f"sheared: a gantry tilt of {shear_angle_deg(affine):.2f} degrees kept "
                                      "as exact sheared geometry (every slice at its ImagePositionPatient)")
-            info = write_volume(store, volume_id, data, affine, chunk=chunk, time_step=plan.time_step, attributes={
+            info = write_volume(store, volume_id, data, affine, chunk=chunk, time_step=plan.time_step,
+                                channels=plan.channels, attributes={
                 "kind": "dicom", "modality": plan.files[0]["modality"],
                 "warnings": plan.warnings, "stack": plan.label, **extra})
         except InvalidInputError as exc:

@@ -282,18 +282,19 @@ def content_digest(data: np.ndarray) -> str:
     return "xxh3:" + h.hexdigest()
 
 
-def _axes(ndim: int) -> list[dict[str, str]]:
+def _axes(ndim: int, channels: str | None = None) -> list[dict[str, str]]:
     axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
     if ndim == 4:
-        axes.insert(0, {"name": "t", "type": "time", "unit": "second"})
+        axes.insert(0, {"name": "c", "type": "channel"} if channels else
+                    {"name": "t", "type": "time", "unit": "second"})
     return axes
 
 
 def _write_multiscale(group: zarr.Group, data: np.ndarray, spacing_zyx: tuple[float, ...],
                       steps: list[tuple[int, ...]], reduce, chunk: int,
-                      time_step: float | None) -> list[dict[str, Any]]:
+                      time_step: float | None, channels: str | None = None) -> list[dict[str, Any]]:
     """Write ``s0, s1, ...`` into ``group``; returns the NGFF ``datasets`` entries."""
-    dim_names = [a["name"] for a in _axes(data.ndim)]
+    dim_names = [a["name"] for a in _axes(data.ndim, channels)]
     datasets = []
     level = data
     total = np.ones(3, dtype=np.int64)
@@ -311,7 +312,7 @@ def _write_multiscale(group: zarr.Group, data: np.ndarray, spacing_zyx: tuple[fl
         scale = [float(s) * int(f) for s, f in zip(spacing_zyx, total)]
         translation = [float(s) * (int(f) - 1) / 2.0 for s, f in zip(spacing_zyx, total)]
         if data.ndim == 4:
-            scale.insert(0, float(time_step or 1.0))
+            scale.insert(0, 1.0 if channels else float(time_step or 1.0))
             translation.insert(0, 0.0)
         datasets.append({"path": f"s{n}", "coordinateTransformations": [
             {"type": "scale", "scale": scale},
@@ -321,17 +322,20 @@ def _write_multiscale(group: zarr.Group, data: np.ndarray, spacing_zyx: tuple[fl
 
 def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, affine: np.ndarray,
                  *, time_step: float | None = None, attributes: dict[str, Any] | None = None,
-                 chunk: int = DEFAULT_CHUNK) -> VolumeInfo:
+                 chunk: int = DEFAULT_CHUNK, channels: str | None = None) -> VolumeInfo:
     """Write one volume as an OME-Zarr multiscale image, atomically.
 
     Args:
         store: the store root.
         volume_id: name of the volume's group under ``volumes/``.
-        data: voxels in NGFF order, ``(z, y, x)`` or ``(t, z, y, x)``.
+        data: voxels in NGFF order, ``(z, y, x)``, ``(t, z, y, x)`` or, with ``channels``,
+            ``(c, z, y, x)``.
         affine: 4x4 RAS affine of index ``(x, y, z)`` (= reversed spatial array axes).
         time_step: seconds between time points for 4-D data.
         attributes: extra JSON-able metadata stored under ``voxelflow`` (must hold no PHI).
         chunk: edge length of the cubic chunks (spatial axes; one time point per chunk).
+        channels: what the first axis of 4-D data holds when it is not time, e.g. ``"RGB"``
+            (a colour map: an NGFF channel axis, exported as NIfTI RGB24).
 
     Raises:
         StoreError: the volume cannot be written.
@@ -348,17 +352,17 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
     try:
         location.makedirs(staging.parent)
         group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
-        datasets = _write_multiscale(group, data, spacing_zyx, steps, downsample, chunk, time_step)
+        datasets = _write_multiscale(group, data, spacing_zyx, steps, downsample, chunk, time_step, channels)
         meta = dict(attributes or {})
         meta.update({
             "affine": np.asarray(affine, dtype=np.float64).tolist(),
             "affine_index_order": ["x", "y", "z"],
             "digest": digest,
             "time_step": time_step,
-        })
+        } | ({"channels": channels} if channels else {}))
         group.attrs.update({
             "ome": {"version": NGFF_VERSION, "multiscales": [{
-                "name": volume_id, "axes": _axes(data.ndim), "datasets": datasets,
+                "name": volume_id, "axes": _axes(data.ndim, channels), "datasets": datasets,
                 "type": "mean", "metadata": {"method": "voxelflow.store.downsample"}}]},
             "voxelflow": meta,
         })
@@ -458,8 +462,13 @@ class Volume:
     def time_step(self) -> float | None:
         return self.attributes.get("time_step")
 
+    @property
+    def channels(self) -> str | None:
+        """What the first of 4 axes holds when it is not time (``"RGB"``), else None."""
+        return self.attributes.get("channels")
+
     def to_nifti_order(self) -> np.ndarray:
-        """Voxels as a NIfTI-ordered ndarray ``(x, y, z[, t])`` (reads the whole level)."""
+        """Voxels as a NIfTI-ordered ndarray ``(x, y, z[, t or c])`` (reads the whole level)."""
         data = self.array[...]
         if data.ndim == 4:
             return np.transpose(data, (3, 2, 1, 0))

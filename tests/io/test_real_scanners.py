@@ -26,12 +26,8 @@ CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "dicom-corpus"
 pytestmark = pytest.mark.skipif(not (CORPUS / "MANIFEST.tsv").is_file(),
                                 reason=f"the real-scanner DICOM corpus is not at {CORPUS}")
 
-# reference -> why it does not match (reviewed by hand)
-KNOWN = {
-    "dcm_qa_xa30/Ref/14_DWI_dir80_PA.nii.gz":
-        "an RGB colour FA map (Enhanced MR Color Image): voxelflow stores scalar volumes and records the series as "
-        "skipped ('color images (SamplesPerPixel=3, RGB) are not a volume')",
-}
+# reference -> why it does not match (reviewed by hand); none left
+KNOWN: dict[str, str] = {}
 
 
 def _manifest() -> list[dict[str, str]]:
@@ -65,6 +61,9 @@ def _canonical(path: Path) -> tuple[np.ndarray, np.ndarray, float]:
     """Voxels (scaled) and affine in the closest canonical orientation, and the file's slope."""
     raw = nib.load(path)
     slope = getattr(raw.dataobj, "slope", 1.0)
+    if raw.get_data_dtype().names:  # RGB24: the colour channels as a 4th axis
+        rgb = np.asanyarray(raw.dataobj)
+        raw = nib.Nifti1Image(np.stack([rgb[c] for c in "RGB"], axis=-1).astype(np.float64), raw.affine)
     img = nib.as_closest_canonical(raw)
     return np.asarray(img.get_fdata(dtype=np.float64)), img.affine, abs(float(slope)) if np.isfinite(slope) else 1.0
 

@@ -183,3 +183,29 @@ def test_gantry_tilt_is_kept_sheared_or_resampled_and_the_catalog_says_which(tmp
     else:
         assert tilt.startswith("sheared: a gantry tilt of 10.00 degrees")
         assert shear_angle_deg(affine) == pytest.approx(10, abs=0.01)
+
+
+def test_an_rgb_map_with_geometry_is_a_colour_volume_and_a_screen_capture_is_not(tmp_path):
+    paths = write_ct_series(ct_phantom((3, 8, 8)), tmp_path / "rgb", SeriesSpec())
+    colours = np.random.default_rng(1).integers(0, 255, (3, 8, 8, 3), dtype=np.uint8)
+
+    def to_rgb(k, ds):
+        ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PlanarConfiguration = 3, "RGB", 0
+        ds.BitsAllocated = ds.BitsStored = 8
+        ds.HighBit, ds.PixelRepresentation = 7, 0
+        del ds.RescaleSlope, ds.RescaleIntercept
+        ds.PixelData = colours[k].tobytes()
+    _edit(paths, to_rgb)
+    store = tmp_path / "store"
+    run_local(ingest_config([tmp_path / "rgb"], store))
+    (vol,) = catalog.read_table(store, "volumes").to_pylist()
+    assert vol["shape"] == [3, 3, 8, 8] and vol["dtype"] == "uint8"
+    img = nib.load(export_volume(store, vol["volume_id"], tmp_path / "rgb.nii.gz"))
+    assert img.get_data_dtype().names == ("R", "G", "B") and img.shape == (8, 8, 3)
+    rgb = np.asanyarray(img.dataobj)
+    assert np.array_equal(rgb["G"], np.transpose(colours[..., 1], (2, 1, 0)))  # (x, y, z) of slice k's rows
+    _edit(paths, lambda k, ds: (setattr(ds, "SOPClassUID", "1.2.840.10008.5.1.4.1.1.7"),
+                                delattr(ds, "ImagePositionPatient")))
+    recs = _records(paths)
+    with pytest.raises(Exception, match=r"color images .* without patient geometry are not a volume"):
+        plan_series(recs[0]["series"], recs)

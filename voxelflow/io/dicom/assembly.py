@@ -38,6 +38,7 @@ class StackPlan:
     # Irregularly spaced slices: each file's distance (mm) from the first along the stack;
     # load_stack interpolates them onto ``shape[0]`` evenly spaced slices.
     offsets: list[float] | None = None
+    channels: str | None = None  # "RGB": colour images, loaded as ``(3, slices, rows, cols)``
 
 
 def _geometry_key(rec: dict[str, Any]) -> tuple:
@@ -182,10 +183,11 @@ def plan_series(series: str, records: list[dict[str, Any]],
         UnsupportedDataError: multi-frame images without per-frame geometry.
         NotAnImageError: color images (screen captures, photos): not a volume.
     """
-    if any(r["samples"] != 1 for r in records):
+    colour = any(r["samples"] != 1 for r in records)
+    if colour and not all(_colour_map(r) for r in records):
         raise NotAnImageError(
             f"series {series}", f"color images (SamplesPerPixel={records[0]['samples']}, "
-                                f"{records[0]['photometric']}) are not a volume")
+                                f"{records[0]['photometric']}) without patient geometry are not a volume")
     records = expand_frames(series, records)
     missing = [r["path"] for r in records if not r["orientation"] or not r["position"] or not r["pixel_spacing"]]
     if missing:
@@ -218,7 +220,21 @@ def plan_series(series: str, records: list[dict[str, Any]],
                 if left_out is None or len(kinds) == 1 and len(groups) == 1:
                     raise  # the whole series fails: the caller records the reason for all its files
                 left_out.extend((r, str(exc)) for r in kind_recs)
+    if colour:
+        for plan in plans:
+            if plan.timepoints > 1 or plan.offsets is not None:
+                raise SeriesAssemblyError(f"series {series}", "a colour (RGB) series over time or with uneven "
+                                                              "slices: only 3-D colour maps are converted")
+            plan.channels = "RGB"
     return plans
+
+
+def _colour_map(rec: dict[str, Any]) -> bool:
+    """An RGB image with patient geometry (a colour FA map, an Enhanced MR Color Image):
+    stored as a 3-D volume with a channel axis. Screen captures and photos are not."""
+    return (rec["samples"] == 3 and (rec.get("photometric") or "").upper() == "RGB"
+            and rec.get("bits_allocated") == 8 and "secondary capture" not in (rec.get("sop_class") or "").lower()
+            and (bool(rec.get("orientation") and rec.get("position")) or bool(rec.get("frame_info"))))
 
 
 def _plan_kind(series: str, where: str, recs: list[dict[str, Any]], normal: np.ndarray,

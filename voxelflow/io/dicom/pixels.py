@@ -63,6 +63,23 @@ def _lossless_dtype(lo: float, hi: float, integral: bool) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def _load_colour(plan: StackPlan) -> np.ndarray:
+    """The RGB voxels of a colour stack, ``(3, slices, rows, cols)`` uint8 (NGFF channel axis
+    first); colour values carry no rescale."""
+    out = np.empty((3, len(plan.files), *plan.shape[1:]), dtype=np.uint8)
+    decoded: dict[str, np.ndarray] = {}
+    for k, rec in enumerate(plan.files):
+        if rec["local"] not in decoded:
+            decoded[rec["local"]] = _read_pixels(rec["local"], rec["path"])[0]
+        pixels = decoded[rec["local"]]
+        arr = pixels[rec["frame"]] if pixels.ndim == 4 else pixels
+        if arr.shape != (*plan.shape[1:], 3):
+            raise SeriesAssemblyError(rec["path"], f"colour pixel array shape {arr.shape} differs from "
+                                                   f"Rows x Columns x 3 {(*plan.shape[1:], 3)}")
+        out[:, k] = np.moveaxis(arr, -1, 0)
+    return out
+
+
 def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
     """Decode and rescale the pixels of a planned stack into a ``(slices, rows, cols)`` array.
 
@@ -78,6 +95,8 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
     Raises:
         PixelDecodeError / CorruptFileError: a file's pixels cannot be read (names the file).
     """
+    if plan.channels:
+        return _load_colour(plan)
     raws: list[np.ndarray] = []
     scales: list[tuple[float, float]] = []
     decoded: dict[str, np.ndarray] = {}  # multi-frame files, decoded once for all their frames
