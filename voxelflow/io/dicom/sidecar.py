@@ -35,8 +35,10 @@ One concern: the sidecar's content. Writing the file next to the NIfTI is the ex
 
 from __future__ import annotations
 
+import functools
 import gzip
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -804,4 +806,13 @@ def stack_sidecar(files: Sequence[Mapping[str, Any]], timepoints: int = 1) -> di
 
 
 def _header(path: str) -> pydicom.Dataset:
+    """A file's header, parsed once for all the volumes it holds (the kinds of an enhanced
+    file: parsing its per-frame groups is most of a sidecar's cost). Keyed by size and time
+    of change too, so a file changed between two runs in one process is parsed again."""
+    st = os.stat(path)
+    return _parsed(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _parsed(path: str, size: int, mtime_ns: int) -> pydicom.Dataset:
     return pydicom.dcmread(path, force=True, stop_before_pixels=True)
