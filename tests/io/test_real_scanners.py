@@ -114,7 +114,10 @@ def matches(converted) -> dict[str, tuple[Path | None, str]]:
     out = {}
     for repo, folder, ref in _references():
         name = f"{repo}/{ref}"
-        candidates = [path for vol, path in repos[repo][1] if _of_series(folder, vol)]
+        # DICOM-sourced volumes first: dcm_qa's axasc35 folder also holds a NIfTI that upstream
+        # left there (a dcm2niix output, equal to the reference but without a sidecar)
+        candidates = [path for vol, path in sorted(repos[repo][1], key=lambda vp: vp[0]["kind"] != "dicom")
+                      if _of_series(folder, vol)]
         results = [(path, _compare(path, CORPUS / repo / ref)) for path in candidates] if name not in KNOWN else []
         same = [path for path, why in results if not why]
         out[name] = (same[0], "") if same else (
