@@ -29,17 +29,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
-from voxelflow.geometry import orientation_code, shear_angle_deg
+from voxelflow.geometry import orientation_code
 from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
-from voxelflow.io.dicom import HEAD_BYTES, load_stack, stack_attributes, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
-from voxelflow.io.dicom.sidecar import stack_sidecar
-from voxelflow.io.dicom.tilt import resample_orthogonal
+from voxelflow.io.dicom import HEAD_BYTES, stack_volume, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
 from voxelflow.io.sources import InputFile, is_archive
 from voxelflow.store import clean_staging, init_store, store_id, write_volume
 
-
-TILT_MIN_DEG = 0.01  # shear below this is rounding in the positions, not a gantry tilt
 
 # Tasks per stage at most: each Prefect task costs ~0.1-0.3 s of API calls and scheduling,
 # so a 10^6-file archive in 256-file batches would spend longer orchestrating than working.
@@ -575,35 +571,19 @@ def convert_dicom_series(store: str, key: bytes, series: str, records: list[dict
         unique.append(rec)
     if not unique:
         return [], file_rows
-    left_out: list[tuple[dict, str]] = []  # images not part of any stack while the others are
+    left_out: list[tuple[dict, InvalidInputError]] = []  # images not part of any stack while the others are
     try:
         plans = plan_series(series, unique, left_out)
     except NotAnImageError as exc:
         return [], file_rows + [_file_row(r, "skipped", str(exc)) for r in unique]
     except InvalidInputError as exc:
         return [], file_rows + [_file_row(r, "failed", str(exc)) for r in unique]
-    for rec, reason in left_out:
-        file_rows.append(_file_row(rec, "skipped" if "stray slice" in reason else "failed", reason))
+    for rec, error in left_out:
+        file_rows.append(_file_row(rec, "skipped" if isinstance(error, NotAnImageError) else "failed", str(error)))
     for plan in plans:
         volume_id = pseudonym(key, "volume", f"{series}|{plan.label}").lower()
         try:
-            data = load_stack(plan)
-            extra = stack_attributes(plan)
-            try:
-                extra["sidecar"] = stack_sidecar(plan.files, plan.timepoints)
-            except OSError:
-                raise  # transient: the task retries
-            except Exception as exc:  # noqa: BLE001 - a malformed private block costs the sidecar, not the volume
-                plan.warnings.append(f"no BIDS sidecar: {type(exc).__name__}: {exc}")
-            affine = plan.affine
-            if shear_angle_deg(affine) > TILT_MIN_DEG:
-                if resample_tilt:
-                    data, affine = resample_orthogonal(data, affine, where=f"series {series} [{plan.label}]")
-                    extra["tilt"] = (f"resampled: a gantry tilt of {shear_angle_deg(plan.affine):.2f} degrees "
-                                     "resampled onto an orthogonal grid (linear, as dcm2niix's _Tilt)")
-                else:
-                    extra["tilt"] = (f"sheared: a gantry tilt of {shear_angle_deg(affine):.2f} degrees kept "
-                                     "as exact sheared geometry (every slice at its ImagePositionPatient)")
+            data, affine, extra = stack_volume(plan, resample_tilt)
             info = write_volume(store, volume_id, data, affine, chunk=chunk, time_step=plan.time_step,
                                 channels=plan.channels, attributes={
                 "kind": "dicom", "modality": plan.files[0]["modality"],

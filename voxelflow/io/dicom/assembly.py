@@ -12,9 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from voxelflow.errors import NotAnImageError, SeriesAssemblyError
+from voxelflow.errors import InvalidInputError, NotAnImageError, SeriesAssemblyError
 from voxelflow.geometry import dicom_affine, slice_normal
-from voxelflow.io.dicom.diffusion import plan_diffusion
 from voxelflow.io.dicom.frames import expand_frames
 from voxelflow.io.dicom.repeats import POSITION_TOL_MM, Repeats, split_kinds, split_repeats
 
@@ -168,15 +167,16 @@ def not_part_of_a_volume(rec: dict[str, Any], keep_localizers: bool = False) -> 
 
 
 def plan_series(series: str, records: list[dict[str, Any]],
-                left_out: list[tuple[dict[str, Any], str]] | None = None) -> list[StackPlan]:
+                left_out: list[tuple[dict[str, Any], InvalidInputError]] | None = None) -> list[StackPlan]:
     """Split one series' records into consistent stacks.
 
     Args:
         series: the series' pseudonym (for messages).
         records: its scan records.
-        left_out: where to put ``(record, reason)`` for images that are not part of any stack
-            while the others are: a stray slice far from its stack, the images of one kind
-            (an echo, the phase images, ...) that cannot be stacked. ``None``: raise instead.
+        left_out: where to put ``(record, error)`` for images that are not part of any stack
+            while the others are: a stray slice far from its stack (:class:`NotAnImageError`:
+            skipped), the images of one kind (an echo, the phase images, ...) that cannot be
+            stacked (:class:`SeriesAssemblyError`: failed). ``None``: raise instead.
 
     Raises:
         SeriesAssemblyError: the images cannot be stacked consistently (the reason says why).
@@ -219,7 +219,7 @@ def plan_series(series: str, records: list[dict[str, Any]],
             except SeriesAssemblyError as exc:
                 if left_out is None or len(kinds) == 1 and len(groups) == 1:
                     raise  # the whole series fails: the caller records the reason for all its files
-                left_out.extend((r, str(exc)) for r in kind_recs)
+                left_out.extend((r, exc) for r in kind_recs)
     if colour:
         for plan in plans:
             if plan.timepoints > 1 or plan.offsets is not None:
@@ -238,7 +238,7 @@ def _colour_map(rec: dict[str, Any]) -> bool:
 
 
 def _plan_kind(series: str, where: str, recs: list[dict[str, Any]], normal: np.ndarray,
-               left_out: list[tuple[dict[str, Any], str]] | None) -> list[StackPlan]:
+               left_out: list[tuple[dict[str, Any], InvalidInputError]] | None) -> list[StackPlan]:
     """The stacks of one kind of image (see :mod:`voxelflow.io.dicom.repeats`)."""
     repeats = split_repeats(series, recs, normal, where)
     four_d = _as_time_series(series, where, repeats, normal) if repeats.time else None
@@ -249,7 +249,7 @@ def _plan_kind(series: str, where: str, recs: list[dict[str, Any]], normal: np.n
         full = "; ".join(x for x in (where, label) if x)
         parts, strays = _split_gaps(series, full, sub, normal)
         if strays and left_out is None:
-            raise SeriesAssemblyError(f"series {series}", strays[0][1].split(": ", 1)[1])
+            raise SeriesAssemblyError(strays[0][1].where, strays[0][1].reason)
         if strays:
             left_out.extend(strays)
         for part, run, note in parts:
@@ -312,9 +312,9 @@ STRAY_GAPS = 10  # a lone slice this many slice gaps or more from its stack is a
 
 
 def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.ndarray
-                ) -> tuple[list[tuple[str, list, str]], list[tuple[dict, str]]]:
+                ) -> tuple[list[tuple[str, list, str]], list[tuple[dict, NotAnImageError]]]:
     """Split a stack at missing slices into evenly spaced runs: ``([(part label, records,
-    warning)], [(stray record, reason)])``. A gap counts as missing slices when it is wider
+    warning)], [(stray record, why)])``. A gap counts as missing slices when it is wider
     than the median gap; runs hold two or more slices, and a lone slice cut off by such gaps
     (a stray slice far from the stack, as in pydicom's ``77654033/CT2``) is left out with the
     reason. Anything else (unevenly spaced slices) is left to :func:`_build_stack`, which
@@ -345,8 +345,9 @@ def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.
     left_out = []
     for k, rec in strays:
         near = min(abs(d[k] - d[j]) for j in range(len(d)) if j != k)
-        left_out.append((rec, f"{where}: stray slice {rec['path']} lies {near:.4g} mm from the nearest other slice "
-                              f"of its stack, whose slices are {median:.4g} mm apart: not part of the volume"))
+        left_out.append((rec, NotAnImageError(where, f"stray slice {rec['path']} lies {near:.4g} mm from the nearest "
+                                                     f"other slice of its stack, whose slices are {median:.4g} mm "
+                                                     "apart: not part of the volume")))
     notes = []
     if len(runs) > 1:
         gaps_between = [b for b in breaks if not any(k in (b, b + 1) for k, _ in strays)]
@@ -362,15 +363,3 @@ def _split_gaps(series: str, label: str, recs: list[dict[str, Any]], normal: np.
     return [(f"part {i + 1} of {len(runs)} (slices {a}-{a + len(run) - 1})", run, note)
             for i, (a, run) in enumerate(runs)], left_out
 
-
-def stack_attributes(plan: StackPlan) -> dict[str, Any]:
-    """What a volume records beyond its first image's technical attributes: its diffusion
-    encoding (b-value and patient-frame direction per time point) and how its values were
-    scaled where a vendor's rule applied."""
-    out: dict[str, Any] = {}
-    diffusion = plan_diffusion(plan.files, plan.timepoints)
-    if diffusion is not None:
-        out["diffusion"] = diffusion
-    if any(r.get("scale_slope") and r.get("manufacturer") == "Philips" for r in plan.files):
-        out["scaling"] = "Philips precise (floating point): stored value / MRScaleSlope (2005,100E), as dcm2niix -p y"
-    return out
