@@ -224,7 +224,10 @@ def expand_frames(series: str, records: list[dict[str, Any]]) -> list[dict[str, 
                 if f[key] is not None:
                     frame[key] = f[key]
             image_type = f["frame_type"] or r["image_type"]
-            frame.update({"frame": k, "frames": 1, "pixel_offset": None,
+            # an uncompressed multi-frame file's frame k lies k frames after its pixel data
+            offset = None if r.get("pixel_offset") is None else \
+                r["pixel_offset"] + k * r["rows"] * r["cols"] * r["bits_allocated"] // 8
+            frame.update({"frame": k, "frames": 1, "pixel_offset": offset,
                           "temporal_position": f["temporal_position"],
                           "echo_number": None if f["echo_time"] is None else round(f["echo_time"] * 1000),
                           "echo_time": r.get("echo_time") if f["echo_time"] is None else f["echo_time"],

@@ -174,8 +174,8 @@ def scan_dicom(local: str, path: str, key: bytes, head: bytes | None = None, fas
     bits_stored = integer(ds, "BitsStored") or bits
     high_bit = integer(ds, "HighBit")
     direct = (pixel_kw == "PixelData" and syntax in DIRECT_SYNTAXES and tell is not None
-              and bits in (8, 16, 32) and frames == 1 and samples == 1
-              and length not in (None, 0xFFFFFFFF) and length >= rows * cols * bits // 8
+              and bits in (8, 16, 32) and samples == 1
+              and length not in (None, 0xFFFFFFFF) and length >= rows * cols * frames * bits // 8
               and (high_bit is None or high_bit == bits_stored - 1))
     image_type = ds.get("ImageType")
     image_type = "\\".join(str(v) for v in image_type) if isinstance(image_type, (list, MultiValue)) \

@@ -101,17 +101,17 @@ def load_stack(plan: StackPlan, direct: bool = True) -> np.ndarray:
     scales: list[tuple[float, float]] = []
     decoded: dict[str, np.ndarray] = {}  # multi-frame files, decoded once for all their frames
     for rec in plan.files:
-        if rec.get("frame") is not None:
+        if direct and rec.get("pixel_offset") is not None:  # plain pixels (a frame's too): by offset
+            arr = _read_direct(rec)
+            slope = 1.0 if rec["rescale_slope"] is None else rec["rescale_slope"]
+            intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
+        elif rec.get("frame") is not None:
             if rec["local"] not in decoded:
                 decoded[rec["local"]] = _read_pixels(rec["local"], rec["path"])[0]
                 if rec.get("mosaic"):
                     decoded[rec["local"]] = unmosaic(decoded[rec["local"]], *rec["mosaic"], rec["mosaic_frames"])
             frames = decoded[rec["local"]]
             arr = frames[rec["frame"]] if frames.ndim == 3 else frames
-            slope = 1.0 if rec["rescale_slope"] is None else rec["rescale_slope"]
-            intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
-        elif direct and rec.get("pixel_offset") is not None:
-            arr = _read_direct(rec)
             slope = 1.0 if rec["rescale_slope"] is None else rec["rescale_slope"]
             intercept = 0.0 if rec["rescale_intercept"] is None else rec["rescale_intercept"]
         else:

@@ -798,11 +798,27 @@ def stack_sidecar(files: Sequence[Mapping[str, Any]], timepoints: int = 1) -> di
             kwargs["phase_polarity"] = phase_polarity_from_csa(ds)
     elif maker == "GE":
         if timepoints > 1:  # dcm2niix times GE slices of 4-D series only
-            kwargs["slice_times"] = slice_times_ge([ds] + [_header(r["local"]) for r in files[1:per]])
+            # slice_times_ge reads the protocol block of the first image in instance order; the
+            # others need only their instance number and position, which the scan has
+            volume = files[:per]
+            lead = min(range(len(volume)), key=lambda i: volume[i].get("instance_number") or 0)
+            kwargs["slice_times"] = slice_times_ge([_header(r["local"]) if i == lead else _Slice(r)
+                                                    for i, r in enumerate(volume)])
         kwargs["phase_polarity"] = phase_polarity_ge(ds)
         extra["RepetitionTime"] = repetition_time_ge(ds)
         extra["ComplexImageComponent"] = complex_component_ge(ds)
     return bids_sidecar(attributes, extra={k: v for k, v in extra.items() if v is not None}, **kwargs)
+
+
+class _Slice:
+    """One image of a volume as :func:`slice_times_ge` reads it, from its scan record."""
+
+    def __init__(self, rec: Mapping[str, Any]):
+        self.InstanceNumber = rec.get("instance_number")
+        self.ImagePositionPatient = rec["position"]
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        return getattr(self, keyword, default)
 
 
 def _header(path: str) -> pydicom.Dataset:
