@@ -1,6 +1,6 @@
 """Bulk-inference benchmark, in one run on the same volumes and model:
 
-* voxelflow's bulk inference (``voxelflow.infer.run_local``: read the preprocessed volume from
+* voxelflow's bulk inference (``models.infer.run_local``: read the preprocessed volume from
   Zarr, sliding window, map the prediction back to the original grid, write it into the store,
   lesion table);
 * the model's pure forward time (the same sliding windows over tensors already in memory);
@@ -30,7 +30,7 @@ from models.run import TrainRun, train_model  # noqa: E402
 from models.train import TrainConfig  # noqa: E402
 from voxelflow import catalog  # noqa: E402
 from voxelflow.export import export_volume  # noqa: E402
-from voxelflow.infer import InferConfig, run_local  # noqa: E402
+from models.infer import InferConfig, run_local  # noqa: E402
 from voxelflow.store import open_volume  # noqa: E402
 
 
@@ -57,7 +57,7 @@ def main():
 
         catalog.write_table(store, "predictions", pa.Table.from_pylist(keep, schema=catalog.PREDICTION_SCHEMA))
     # warm-up: one volume (imports, thread pools, allocator) outside the timings
-    from voxelflow import infer
+    from models import infer
 
     config = InferConfig(store=store, name="bench-seg", version=summary["version"])
     info = infer.model_info(config)

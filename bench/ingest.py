@@ -168,7 +168,7 @@ def run_library(archive: Path, store: Path) -> tuple[float, int]:
 
 def run_cli(archive: Path, store: Path, workers: int, env: dict) -> tuple[float, int]:
     shutil.rmtree(store, ignore_errors=True)
-    return measured([sys.executable, "-m", "voxelflow.cli", "ingest", str(archive), "--store", str(store),
+    return measured([sys.executable, "-m", "flows.cli", "ingest", str(archive), "--store", str(store),
                      "--workers", str(workers)], env)
 
 
@@ -236,7 +236,7 @@ def main() -> None:
     for size in [int(v) for v in args.many.split(",") if v.strip()]:
         archives.append((f"many-file archive ({size} files of 64x64, series of 100)", make_many(work, size)))
 
-    from voxelflow.runtime import ensure_prefect_api
+    from flows.runtime import ensure_prefect_api
 
     api = ensure_prefect_api()  # started once, reused by every CLI run below
     env = {**os.environ, "PREFECT_API_URL": api.api_url}

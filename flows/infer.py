@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from flows.runner import run_on_dask
 from tasks.artifacts import png_markdown
 from tasks.infer import infer_volumes
-from voxelflow import infer
+from models import infer
 
 
 @flow(name="infer", description="Sliding-window inference; predictions written back next to the images")
@@ -47,6 +47,6 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
 
 
 def run_infer(config: infer.InferConfig, gpu: bool | None = None, **kwargs) -> dict:
-    from voxelflow.runtime import local_gpus
+    from flows.runtime import local_gpus
 
     return run_on_dask(infer_flow, config, gpu=bool(local_gpus()) if gpu is None else gpu, **kwargs)

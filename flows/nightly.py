@@ -1,4 +1,4 @@
-"""The nightly flow: every stage as a subflow on one Dask cluster (see voxelflow/nightly.py)."""
+"""The nightly flow: every stage as a subflow on one Dask cluster (see flows/nightly_config.py)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from flows.ingest import ingest_flow
 from flows.preprocess import preprocess_flow
 from flows.train import train_flow
 from tasks.retry import RETRY
-from voxelflow.nightly import NightlyConfig, attach_labels
-from voxelflow.runtime import dask_task_runner, local_cluster, local_gpus
+from flows.nightly_config import NightlyConfig, attach_labels
+from flows.runtime import dask_task_runner, local_cluster, local_gpus
 
 
 @task(name="attach-labels", cache_policy=NO_CACHE, **RETRY)

@@ -6,7 +6,7 @@ from typing import Any
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from voxelflow.runtime import dask_task_runner
+from flows.runtime import dask_task_runner
 
 
 def run_on_dask(flow_obj, *args: Any, dask_address: str | None = None, n_workers: int | None = None,

@@ -66,7 +66,7 @@ class TrainConfig(BaseModel):
     # model alone, 200 steps), it made the default U-Net's float32 step slower at batch 2 (198 ->
     # 166 samples/s; 182 -> 169 in a 40-step run) and left batch 16 within noise (1488 -> 1517;
     # 1482 -> 1252 in a 40-step run): the kernels it picks are faster alone, but a step this
-    # small waits on launches, not on the convolutions. Inference (voxelflow.infer) turns it on.
+    # small waits on launches, not on the convolutions. Inference (models.infer) turns it on.
     cudnn_benchmark: bool = False
     # "inverse" (inverse class frequency), "sqrt" (its square root) or "none"; default: none for
     # segmentation (the Dice term already balances classes; inverse weights stalled training on

@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.retry import RETRY
-from voxelflow import infer
+from models import infer
 
 
 @task(name="infer-volumes", cache_policy=NO_CACHE, **RETRY)

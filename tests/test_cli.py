@@ -14,7 +14,7 @@ from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
 
 
 def voxelflow(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "voxelflow.cli", *map(str, args)], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], capture_output=True,
                           text=True, timeout=timeout, env={**os.environ, **(env or {})})
 
 

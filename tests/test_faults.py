@@ -90,7 +90,7 @@ def test_a_prefect_server_restart_during_a_run_is_survived(tmp_path):
 
     import httpx
 
-    from voxelflow import runtime
+    from flows import runtime
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
     home = tmp_path / "home"

@@ -181,8 +181,8 @@ def test_gpu_inference_agrees_with_the_cpu(trained, task):
     """The same registered model on the GPU (bf16 autocast, as inference runs there) and the
     CPU (float32): segmentation labels agree on almost every voxel, class probabilities within
     bf16's precision."""
-    from voxelflow import infer
-    from voxelflow.infer import InferConfig
+    from models import infer
+    from models.infer import InferConfig
 
     store, _ = trained
     config = InferConfig(store=store, name=f"gpu-{task}", explain="none")
@@ -208,8 +208,8 @@ def test_gpu_inference_agrees_with_the_cpu(trained, task):
 def test_bulk_inference_on_the_gpu_pipeline_equals_one_volume_at_a_time(trained):
     """On CUDA ``infer_volumes`` overlaps reading, the model and writing by default; its rows
     are those of the plain loop on the same device."""
-    from voxelflow import infer
-    from voxelflow.infer import InferConfig
+    from models import infer
+    from models.infer import InferConfig
 
     store, _ = trained
     for name in ("gpu-segmentation", "gpu-classification"):
@@ -229,9 +229,9 @@ def test_bulk_inference_on_the_gpu_pipeline_equals_one_volume_at_a_time(trained)
 
 
 def test_gradcam_on_the_gpu_matches_the_cpu(trained):
-    from voxelflow import infer
-    from voxelflow.explain import gradcam_volume
-    from voxelflow.infer import InferConfig
+    from models import infer
+    from models.explain import gradcam_volume
+    from models.infer import InferConfig
 
     store, _ = trained
     config = InferConfig(store=store, name="gpu-classification")
@@ -251,7 +251,7 @@ def test_training_runs_on_the_dask_worker_with_the_gpu_resource(data):
     """The local cluster the flows start declares ``GPU=1`` on a GPU machine, and a training
     task annotated with that resource runs there, on CUDA."""
     distributed = pytest.importorskip("distributed")
-    from voxelflow.runtime import local_cluster, local_gpus
+    from flows.runtime import local_cluster, local_gpus
 
     store, version = data
 

@@ -15,7 +15,7 @@ from models.run import TrainRun, train_model
 from models.train import TrainConfig
 from voxelflow import catalog, registry, store as st
 from voxelflow.export import export_label
-from voxelflow.infer import InferConfig, _components, run_local
+from models.infer import InferConfig, _components, run_local
 from voxelflow.preprocess import PreprocessConfig, resolve
 from voxelflow.preprocess import run_local as preprocess
 
@@ -63,7 +63,7 @@ def test_a_changed_volume_is_predicted_again(trained):
     before predictions recorded their input."""
     import pyarrow as pa
 
-    from voxelflow import infer
+    from models import infer
 
     store = trained
     config = InferConfig(store=store, name="infer-segmentation", split="test")
@@ -285,7 +285,7 @@ def test_pipelined_inference_equals_one_volume_at_a_time(trained):
     """The reader / model / writer pipeline gives the rows, lesions and labels of the plain loop."""
     import torch
 
-    from voxelflow import infer
+    from models import infer
 
     store = trained
     device = torch.device("cpu")

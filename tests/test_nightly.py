@@ -8,7 +8,7 @@ import json
 import pytest
 
 from voxelflow import catalog, registry
-from voxelflow.nightly import ModelSpec, NightlyConfig
+from flows.nightly_config import ModelSpec, NightlyConfig
 
 TINY = {"patch_size": [16, 32, 32], "epochs": 2, "steps_per_epoch": 3, "val_steps": 2, "batch_size": 2,
         "channels": [8, 16, 32]}
@@ -101,7 +101,7 @@ def test_config_file_paths_are_relative_to_the_file(tmp_path):
 
 
 def test_serve_deployments_have_the_nightly_schedule(tmp_path):
-    from voxelflow.cli import deployments
+    from flows.cli import deployments
 
     config = NightlyConfig(sources=[str(tmp_path)], store=str(tmp_path / "store"),
                            models=[ModelSpec(name="seg"), ModelSpec(name="ae", task="autoencoder")])
@@ -165,7 +165,7 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
     path = tmp_path / "nightly.json"
     path.write_text(config.model_dump_json())
     env = os.environ | {"PREFECT_API_URL": prefect_server, "VOXELFLOW_HOME": str(tmp_path / "home")}
-    proc = subprocess.Popen([sys.executable, "-m", "voxelflow.cli", "serve", "--config", str(path), "--workers", "1",
+    proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--config", str(path), "--workers", "1",
                              "--timezone", "America/New_York"], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

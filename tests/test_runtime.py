@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import NIBABEL_DATA
-from voxelflow import runtime
+from flows import runtime
 
 
 @pytest.mark.slow
@@ -20,7 +20,7 @@ def test_cli_without_a_configured_server_starts_and_reuses_one(tmp_path):
     env |= {"VOXELFLOW_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect-profile")}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "voxelflow.cli", *map(str, args)], env=env,
+        return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], env=env,
                               capture_output=True, text=True, timeout=400)
 
     try:

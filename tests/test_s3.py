@@ -58,7 +58,7 @@ def test_pipeline_on_object_storage(s3, prefect_server, tmp_path):
     from flows.nightly import run_nightly
     from voxelflow.export import export_nifti
     from voxelflow.ingest import run_local
-    from voxelflow.nightly import ModelSpec, NightlyConfig
+    from flows.nightly_config import ModelSpec, NightlyConfig
     from voxelflow.synth import SynthConfig, build_synthetic_archive
 
     archive = build_synthetic_archive(tmp_path / "archive", SynthConfig(patients=6, mr_patients=0, shape=(16, 48, 48)))

@@ -27,7 +27,7 @@ def ui(tmp_path_factory):
     against it, and the ids a user would click through."""
     if CHROMIUM is None:
         pytest.skip("no chromium on this machine (scripts/setup.sh installs it where it can)")
-    from voxelflow import runtime
+    from flows import runtime
 
     root = tmp_path_factory.mktemp("ui")
     saved = {k: os.environ.get(k) for k in ("VOXELFLOW_HOME", "PREFECT_API_URL")}
@@ -55,7 +55,7 @@ def _run_pipeline(root: Path, api_url: str) -> dict:
     from flows.train import run_train
     from models.run import TrainRun
     from models.train import TrainConfig
-    from voxelflow.infer import InferConfig
+    from models.infer import InferConfig
     from voxelflow.ingest import IngestConfig, store_key
     from voxelflow.labels import import_classes, import_segmentations, make_split
     from voxelflow.preprocess import PreprocessConfig

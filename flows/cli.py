@@ -34,7 +34,7 @@ def _print_summary(summary: dict) -> None:
 
 
 def _prefect_api():
-    from voxelflow.runtime import ensure_prefect_api
+    from flows.runtime import ensure_prefect_api
 
     api = ensure_prefect_api()
     print(f"Prefect API: {api.api_url}" + (" (started a local server)" if api.started_here else ""),
@@ -211,7 +211,7 @@ def _key_values(items: list[str] | None, model) -> dict:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from voxelflow.infer import InferConfig
+    from models.infer import InferConfig
 
     config = InferConfig(store=args.store, name=args.name, version=args.model, split=args.split or None,
                          volumes=args.volume or None)
@@ -305,7 +305,7 @@ def cmd_labels(args: argparse.Namespace) -> int:
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from voxelflow import runtime
+    from flows import runtime
 
     if args.action == "start":
         api = runtime.start_local_server(port=args.port)
@@ -320,7 +320,7 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def _nightly_config(args: argparse.Namespace):
-    from voxelflow.nightly import NightlyConfig
+    from flows.nightly_config import NightlyConfig
 
     overrides = {k: v for k, v in (("store", args.store), ("sources", args.source)) if v}
     return NightlyConfig.from_file(args.config, **overrides)
@@ -369,7 +369,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from prefect import serve
 
-    from voxelflow import runtime
+    from flows import runtime
 
     config = _nightly_config(args)
     api = _prefect_api()
@@ -417,7 +417,7 @@ def _stop_watchdog(deps: list, api, seconds: float, keep_server: bool) -> None:
         except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the pause failed
             print(f"could not pause the schedules: {type(exc).__name__}: {exc}", flush=True)
         if api.started_here and not keep_server:
-            from voxelflow import runtime
+            from flows import runtime
 
             runtime.stop_local_server()
         print("stopped", flush=True)

@@ -81,7 +81,7 @@ class NightlyConfig(BaseModel):
                         train=TrainConfig(**({"task": spec.task} | spec.settings)))
 
     def infer_config(self, spec: ModelSpec):
-        from voxelflow.infer import InferConfig
+        from models.infer import InferConfig
 
         return InferConfig(store=self.store, name=spec.name)
 

@@ -227,7 +227,7 @@ def _explain(config: InferConfig, info: dict[str, Any], model, train, volume_id:
         classes = _classes(config, info)
         if train.positive_class in classes and predicted != classes.index(train.positive_class):
             return None
-    from voxelflow.explain import explain_stored
+    from models.explain import explain_stored
 
     _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",
                             model, train.patch_size, volume_id, predicted, device)
