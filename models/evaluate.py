@@ -16,6 +16,8 @@ import numpy as np
 import torch
 
 from models.networks import autocast
+from voxelflow.data import map_labels
+from voxelflow.store import open_label, open_volume
 
 
 def keep_largest(pred: np.ndarray | torch.Tensor, classes) -> np.ndarray | torch.Tensor:
@@ -43,8 +45,6 @@ def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_
     from monai.inferers import sliding_window_inference
     from monai.metrics import compute_hausdorff_distance
 
-    from voxelflow.data import map_labels
-    from voxelflow.store import open_label, open_volume
 
     model.eval()
     per_class: dict[int, dict[str, list[float]]] = {k: {"dice": [], "hd95": []} for k in range(1, num_classes)}
@@ -140,7 +140,6 @@ def volume_scores(model, store_root: str, volume_ids: list[str], patch_size, dev
                   positive: int | None = None) -> np.ndarray:
     """Each volume's class probabilities ``(volumes, classes)`` from its sliding windows
     (:func:`volume_probabilities`), as inference computes them."""
-    from voxelflow.store import open_volume
 
     probs = []
     for vid in volume_ids:

@@ -10,6 +10,7 @@ import torch
 
 from voxelflow import location
 from voxelflow.store import open_volume, write_volume
+from models.networks import Planar
 
 
 def gradcam_volume(model, image: torch.Tensor, patch_size, class_index: int, target_layer: str = "layer4") -> np.ndarray:
@@ -19,7 +20,6 @@ def gradcam_volume(model, image: torch.Tensor, patch_size, class_index: int, tar
     2-D network's maps."""
     from monai.visualize import GradCAM
 
-    from models.networks import Planar
 
     planar = isinstance(model, Planar)
     cam = GradCAM(nn_module=model.net if planar else model, target_layers=target_layer)

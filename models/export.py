@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from models.networks import from_config
+from models.train import TrainConfig
 
 
 class ParityError(RuntimeError):
@@ -34,7 +35,6 @@ def export_model(folder: str | os.PathLike, formats=("torchscript", "onnx"), ato
     """
     import json
 
-    from models.train import TrainConfig
 
     folder = Path(folder)
     info = json.loads((folder / "model.json").read_text())

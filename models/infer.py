@@ -23,6 +23,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from models.evaluate import decide, keep_largest, volume_probabilities, window_probabilities
+from models.explain import explain_stored
+from models.networks import autocast, from_config, tuned_kernels
+from models.train import TrainConfig
 from voxelflow import catalog, location, registry
 from voxelflow.geometry import voxel_sizes
 from voxelflow.labels import grid_mapping, resample_nearest
@@ -55,8 +59,6 @@ def model_info(config: InferConfig) -> dict[str, Any]:
 
 
 def load_model(config: InferConfig, info: dict[str, Any], device: torch.device):
-    from models.networks import from_config
-    from models.train import TrainConfig
 
     train = TrainConfig(**info["config"]["train"])
     weights = location.torch_load(registry.version_dir(config.store, config.name, info["version"]) / "weights.pt",
@@ -140,7 +142,6 @@ def _sw_batch(config: InferConfig, device: torch.device) -> int:
 def _segmentation_logits(config: InferConfig, model, train, image: torch.Tensor, device: torch.device):
     from monai.inferers import sliding_window_inference
 
-    from models.networks import autocast
 
     batch = _sw_batch(config, device)
     predictor = _fixed_batch(model, batch) if device.type == "cuda" else model
@@ -174,7 +175,6 @@ def _predict(config: InferConfig, info: dict[str, Any], model, train, image: tor
         logits = _segmentation_logits(config, model, train, image, device)
         return torch.softmax(logits.float(), 1)[0].cpu().numpy()
     if train.task == "classification":
-        from models.evaluate import volume_probabilities, window_probabilities
 
         classes = _classes(config, info)
         positive = classes.index(train.positive_class) if train.positive_class in classes else None
@@ -227,7 +227,6 @@ def _explain(config: InferConfig, info: dict[str, Any], model, train, volume_id:
         classes = _classes(config, info)
         if train.positive_class in classes and predicted != classes.index(train.positive_class):
             return None
-    from models.explain import explain_stored
 
     _, png = explain_stored(config.store, info["config"]["version"], f"{config.name}-{info['version']}",
                             model, train.patch_size, volume_id, predicted, device)
@@ -238,7 +237,6 @@ def _decision(config: InferConfig, info: dict[str, Any], train, probs: np.ndarra
     """The predicted class index: with a detection model's operating threshold (tuned on
     validation, recorded in the registry) the positive class when its probability reaches it,
     else the most probable class."""
-    from models.evaluate import decide
 
     classes = _classes(config, info)
     positive = classes.index(train.positive_class) if train.positive_class in classes and len(probs) == 2 else None
@@ -257,7 +255,6 @@ def _finish(config: InferConfig, info: dict[str, Any], train, num_classes: int, 
            "created_at": now, "input_digest": pre.attributes.get("digest")}
     lesions: list[dict] = []
     if train.task == "segmentation":
-        from models.evaluate import keep_largest
 
         seg = probs if isinstance(probs, _Segmented) else _Segmented(probs, probs.argmax(0).astype(np.uint8), None)
         probs = seg.probs
@@ -290,7 +287,6 @@ def infer_volume(config: InferConfig, info: dict[str, Any], model, train, num_cl
                  device: torch.device) -> tuple[dict, list[dict]]:
     """Predict one volume; write a segmentation back into the store. Returns the prediction row
     and its lesion rows."""
-    from models.networks import tuned_kernels
 
     with tuned_kernels(device):
         pre, image, target = _read(config, info, train, volume_id)
@@ -309,7 +305,6 @@ def infer_volumes(config: InferConfig, info: dict[str, Any], model, train, num_c
     3.1-3.4 s either way, within run-to-run noise), so there the volumes go one at a time
     unless asked. Same results either way, in the same order; an error in any stage is raised.
     On CUDA cuDNN autotunes the convolutions (``networks.tuned_kernels``)."""
-    from models.networks import tuned_kernels
 
     with tuned_kernels(device):
         return _infer_volumes(config, info, model, train, num_classes, volume_ids, device, pipeline)

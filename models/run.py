@@ -15,7 +15,7 @@ from models import evaluate
 from models.networks import from_config
 from models.train import TrainConfig, fit
 from voxelflow import catalog, location, registry
-from voxelflow.augment import AugmentConfig
+from voxelflow.augment import AugmentConfig, OnTheFly
 from voxelflow.data import make_loader, patch_dataset
 
 MONITOR = {"segmentation": "dice", "classification": "f1", "autoencoder": "psnr", "gan": "monitor"}
@@ -48,7 +48,6 @@ FLIPS_ONLY = {"rotate_deg": 0.0, "scale": [1.0, 1.0], "translate_vox": 0.0, "fli
 
 
 def _datasets(run: TrainRun):
-    from voxelflow.augment import OnTheFly
 
     c = run.train
     kw = _classification_sampling(c)

@@ -33,6 +33,7 @@ from torch import nn
 
 from models.networks import autocast, from_config, grad_scaler, tuned_kernels
 from voxelflow import location
+from voxelflow.data import make_loader
 
 
 class TrainConfig(BaseModel):
@@ -341,7 +342,6 @@ def fit(config: TrainConfig, train_data, val_data, out_dir: str | os.PathLike, *
 
 def _fit(config: TrainConfig, train_data, val_data, out_dir, *, num_classes: int, class_counts, device: torch.device,
          stop_after: int | None, on_epoch, validator) -> dict[str, Any]:
-    from voxelflow.data import make_loader
 
     out = location.path(out_dir)
     location.makedirs(out)

@@ -11,7 +11,7 @@ import numpy as np
 
 from voxelflow import catalog, location
 from voxelflow.io.dicom.diffusion import write_fsl
-from voxelflow.store import open_volume
+from voxelflow.store import open_label, open_volume
 
 
 def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.PathLike) -> Path:
@@ -63,7 +63,6 @@ def export_nifti(store: str | os.PathLike, outdir: str | os.PathLike,
 
 def export_label(store: str | os.PathLike, volume_id: str, name: str, out_path: str | os.PathLike) -> Path:
     """Write a stored label map (e.g. a prediction) as NIfTI on its volume's exact grid."""
-    from voxelflow.store import open_label
 
     vol = open_volume(store, volume_id)
     data = np.ascontiguousarray(np.transpose(open_label(store, volume_id, name)[...], (2, 1, 0)))
@@ -108,7 +107,6 @@ def export_dicom_seg(store: str | os.PathLike, volume_id: str, name: str, out_pa
     import pydicom
     from pydicom.sr.codedict import codes
 
-    from voxelflow.store import open_label
 
     sources = [pydicom.dcmread(p) for p in source_dicom_paths(store, volume_id)]
     labels = open_label(store, volume_id, name)[...]

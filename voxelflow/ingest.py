@@ -30,10 +30,10 @@ from voxelflow import catalog, location
 from voxelflow.deid import create_key, key_path, load_key, pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code
+from voxelflow.io.dicom import HEAD_BYTES, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom, stack_volume
 from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
-from voxelflow.io.dicom import HEAD_BYTES, stack_volume, looks_like_dicom, not_part_of_a_volume, plan_series, scan_dicom
 from voxelflow.io.nifti import looks_like_nifti, read_nifti
-from voxelflow.io.sources import InputFile, is_archive
+from voxelflow.io.sources import InputFile, is_archive, iter_inputs
 from voxelflow.store import clean_staging, init_store, store_id, write_volume
 
 
@@ -851,7 +851,6 @@ def run_local(config: IngestConfig) -> dict[str, Any]:
     tested against, and handy in a notebook. Same store, catalog and accounting."""
     import shutil
 
-    from voxelflow.io.sources import iter_inputs
 
     prepare_store(config.store, config.secret_file)
     key = store_key(config.store, config.secret_file)
