@@ -276,3 +276,15 @@ def test_accounting_and_summary_on_run_rows(tmp_path):
         check_accounting(entries, run_rows("dup", rows, rows[:1]))
     with pytest.raises(ValueError, match="unknown status 'done'"):
         run_rows("bad", [rows[0] | {"status": "done"}])
+
+
+@pytest.mark.parametrize("keyword,value", [("RescaleSlope", "1,5"), ("ImagePositionPatient", "1\\x\\3"),
+                                           ("PixelSpacing", "0.5")])
+def test_a_malformed_number_is_reported_never_read_as_missing(tmp_path, keyword, value):
+    (path,) = write_ct_series(ct_phantom((1, 8, 8)), tmp_path, SeriesSpec())
+    ds = pydicom.dcmread(path)
+    # written as text (LO), since pydicom will not write a malformed DS; readers see the string
+    ds.add_new(pydicom.datadict.tag_for_keyword(keyword), "LO", value)
+    ds.save_as(path)
+    with pytest.raises(CorruptFileError, match=rf"{keyword} is '.*', expected"):
+        scan_dicom(str(path), "x.dcm", KEY)

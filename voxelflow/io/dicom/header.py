@@ -146,14 +146,14 @@ def scan_dicom(local: str, path: str, key: bytes, head: bytes | None = None, fas
     series_uid = str(ds.get("SeriesInstanceUID", "") or "")
     if not series_uid:
         raise CorruptFileError(path, "SeriesInstanceUID is missing; the image cannot be grouped into a series")
-    rows, cols = integer(ds, "Rows"), integer(ds, "Columns")
+    rows, cols = integer(ds, "Rows", path), integer(ds, "Columns", path)
     if not rows or not cols:
         raise CorruptFileError(path, f"Rows/Columns missing or zero (Rows={rows}, Columns={cols})")
 
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    samples = integer(ds, "SamplesPerPixel") or 1
-    bits = integer(ds, "BitsAllocated") or 0
-    frames = integer(ds, "NumberOfFrames") or 1
+    samples = integer(ds, "SamplesPerPixel", path) or 1
+    bits = integer(ds, "BitsAllocated", path) or 0
+    frames = integer(ds, "NumberOfFrames", path) or 1
     # A truncated file still parses with deferred pixel data; check the byte count.
     length, tell = ds.pixel_length, ds.pixel_tell
     size = os.path.getsize(local)
@@ -215,9 +215,9 @@ def scan_dicom(local: str, path: str, key: bytes, head: bytes | None = None, fas
         "pixel_representation": integer(ds, "PixelRepresentation") or 0,
         "photometric": str(ds.get("PhotometricInterpretation", "") or ""),
         "frames": frames,
-        "orientation": float_list(ds, "ImageOrientationPatient", 6),
-        "position": float_list(ds, "ImagePositionPatient", 3),
-        "pixel_spacing": float_list(ds, "PixelSpacing", 2),
+        "orientation": float_list(ds, "ImageOrientationPatient", 6, path),
+        "position": float_list(ds, "ImagePositionPatient", 3, path),
+        "pixel_spacing": float_list(ds, "PixelSpacing", 2, path),
         "slice_thickness": number(ds, "SliceThickness"),
         "spacing_between_slices": number(ds, "SpacingBetweenSlices"),
         "instance_number": integer(ds, "InstanceNumber"),
@@ -230,9 +230,9 @@ def scan_dicom(local: str, path: str, key: bytes, head: bytes | None = None, fas
         "repetition_time": number(ds, "RepetitionTime"),
         "image_type": image_type,
         "component": component(image_type, maker, ds.get),
-        "rescale_slope": number(ds, "RescaleSlope"),
-        "rescale_intercept": number(ds, "RescaleIntercept"),
-        "scale_slope": number(ds, "Philips_ScaleSlope") if maker == "Philips" else None,
+        "rescale_slope": number(ds, "RescaleSlope", path),
+        "rescale_intercept": number(ds, "RescaleIntercept", path),
+        "scale_slope": number(ds, "Philips_ScaleSlope", path) if maker == "Philips" else None,
         "b_value": b_value,
         "gradient": gradient,
         "isotropic": isotropic,

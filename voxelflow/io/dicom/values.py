@@ -5,40 +5,57 @@ attributes. Works on a pydicom ``Dataset`` and on the fast reader's
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pydicom
 from pydicom.multival import MultiValue
 
 from voxelflow.deid import TECHNICAL_ATTRIBUTES
+from voxelflow.errors import CorruptFileError
 
 
-def float_list(ds: pydicom.Dataset, keyword: str, n: int) -> list[float] | None:
+def float_list(ds: pydicom.Dataset, keyword: str, n: int, where: str | None = None) -> list[float] | None:
+    """``n`` numbers of a multi-valued attribute; None when absent. Malformed (not numbers,
+    or not ``n`` of them): None, or with ``where`` (the file) :class:`CorruptFileError`."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
         values = [float(v) for v in (value if isinstance(value, (list, tuple, MultiValue)) else [value])]
     except (TypeError, ValueError):
-        return None
-    return values if len(values) == n else None
+        return _malformed(where, keyword, value, f"{n} numbers")
+    return values if len(values) == n else _malformed(where, keyword, value, f"{n} numbers")
 
 
-def number(ds: pydicom.Dataset, keyword: str) -> float | None:
+def number(ds: pydicom.Dataset, keyword: str, where: str | None = None) -> float | None:
+    """An attribute's (first) number; None when absent. Malformed: None, or with ``where``
+    (the file) :class:`CorruptFileError` (the attributes a volume's geometry and values
+    depend on are read that way: read as missing, a malformed RescaleSlope would store the
+    slice unscaled without a word)."""
     value = ds.get(keyword)
     if value is None or value == "":
         return None
     try:
-        if isinstance(value, (list, tuple, MultiValue)):
-            value = value[0]
-        return float(value)
+        first = value[0] if isinstance(value, (list, tuple, MultiValue)) else value
+        result = float(first)
     except (TypeError, ValueError, IndexError):
-        return None
+        return _malformed(where, keyword, value, "a number")
+    if not math.isfinite(result):
+        return _malformed(where, keyword, value, "a finite number")
+    return result
 
 
-def integer(ds: pydicom.Dataset, keyword: str) -> int | None:
-    value = number(ds, keyword)
+def integer(ds: pydicom.Dataset, keyword: str, where: str | None = None) -> int | None:
+    value = number(ds, keyword, where)
     return None if value is None else int(round(value))
+
+
+def _malformed(where: str | None, keyword: str, value: Any, expected: str) -> None:
+    if where is None:
+        return None
+    text = "\\".join(str(v) for v in value) if isinstance(value, (list, tuple, MultiValue)) else str(value)
+    raise CorruptFileError(where, f"{keyword} is {text[:64]!r}, expected {expected}")
 
 
 def technical_attributes(ds: pydicom.Dataset) -> dict[str, Any]:
