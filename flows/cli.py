@@ -8,8 +8,10 @@ import os
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from voxelflow import location
-from voxelflow.errors import ConfigurationError, SourceError, StoreError
+from voxelflow.errors import ConfigurationError, NotInStoreError, SourceError, VoxelflowError
 
 
 def _print_summary(summary: dict) -> None:
@@ -255,7 +257,7 @@ def cmd_export_model(args: argparse.Namespace) -> int:
 
     version = args.model or (registry.current(args.store, args.name) or {}).get("version")
     if not version:
-        raise StoreError(f"no model {args.name!r} registered in {args.store}")
+        raise NotInStoreError(f"no model {args.name!r} registered in {args.store}")
     results = export_model(registry.version_dir(args.store, args.name, version),
                            formats=tuple(args.format or ("torchscript", "onnx")))
     for fmt, r in results.items():
@@ -567,8 +569,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (SourceError, StoreError, ConfigurationError) as exc:
+    except VoxelflowError as exc:  # a user-facing failure: one line, no traceback
         print(f"voxelflow {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ValidationError as exc:  # a setting pydantic refused (--set key=value, a config file)
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in exc.errors())
+        print(f"voxelflow {args.command}: error: invalid settings: {problems}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -31,6 +31,7 @@ from voxelflow import catalog, location, registry
 from voxelflow.geometry import voxel_sizes
 from voxelflow.labels import grid_mapping, resample_nearest
 from voxelflow.store import open_volume, write_label
+from voxelflow.errors import NotInStoreError, SettingError
 
 
 class InferConfig(BaseModel):
@@ -54,7 +55,7 @@ class InferConfig(BaseModel):
 def model_info(config: InferConfig) -> dict[str, Any]:
     version = config.version or (registry.current(config.store, config.name) or {}).get("version")
     if not version:
-        raise FileNotFoundError(f"no model {config.name!r} in {config.store} (train one, or pass --model VERSION)")
+        raise NotInStoreError(f"no model {config.name!r} in {config.store} (train one, or pass --model VERSION)")
     return json.loads((registry.version_dir(config.store, config.name, version) / "model.json").read_text())
 
 
@@ -179,7 +180,7 @@ def _predict(config: InferConfig, info: dict[str, Any], model, train, image: tor
         classes = _classes(config, info)
         positive = classes.index(train.positive_class) if train.positive_class in classes else None
         return volume_probabilities(window_probabilities(model, image, train.patch_size, device), positive)
-    raise ValueError(f"inference is defined for segmentation and classification models, not {train.task}")
+    raise SettingError(f"inference is defined for segmentation and classification models, not {train.task}")
 
 
 @dataclass

@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from voxelflow.errors import SettingError
+
 TASKS = ("segmentation", "classification", "autoencoder", "gan")
 
 
@@ -62,7 +64,7 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
         if pooling == "max":
             net.avgpool = (nn.AdaptiveMaxPool3d if spatial_dims == 3 else nn.AdaptiveMaxPool2d)(1)
         elif pooling != "avg":
-            raise ValueError(f"pooling must be 'avg' or 'max', not {pooling!r}")
+            raise SettingError(f"pooling must be 'avg' or 'max', not {pooling!r}")
         return net
     if task == "autoencoder":
         return AutoEncoder(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
@@ -71,7 +73,7 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
         levels = len(channels) - 1
         start = [int(s) // 2 ** levels for s in patch_size]
         if any(s < 1 or s * 2 ** levels != int(p) for s, p in zip(start, patch_size)):
-            raise ValueError(f"GAN patch size {tuple(patch_size)} must be divisible by {2 ** levels}")
+            raise SettingError(f"GAN patch size {tuple(patch_size)} must be divisible by {2 ** levels}")
         generator = Generator(latent_shape=(latent_size,), start_shape=(channels[-1], *start),
                               channels=tuple(reversed(channels[1:-1])) + (in_channels,), strides=(2,) * levels)
         # as many downsampling layers as the smallest patch axis allows (kernel 4 needs >= 4 voxels)
@@ -79,7 +81,7 @@ def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dim
         discriminator = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels[0], in_channels=in_channels,
                                            num_layers_d=layers, norm="INSTANCE", dropout=dropout)
         return generator, discriminator
-    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    raise SettingError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 class Planar(nn.Module):

@@ -17,6 +17,7 @@ from models.train import TrainConfig, fit
 from voxelflow import catalog, location, registry
 from voxelflow.augment import AugmentConfig, OnTheFly
 from voxelflow.data import make_loader, patch_dataset
+from voxelflow.errors import SettingError
 
 MONITOR = {"segmentation": "dice", "classification": "f1", "autoencoder": "psnr", "gan": "monitor"}
 
@@ -58,7 +59,7 @@ def _datasets(run: TrainRun):
     train = patch_dataset(run.store, c.patch_size, version=run.version, split="train", samples_per_epoch=n,
                           seed=c.seed, transform=transform, label_name=label, cache_mb=c.cache_mb, **kw)
     if kw.get("focus") and not train._focus_entries:
-        raise ValueError(f"positive_label {c.positive_label}: no training volume has voxels of that label "
+        raise SettingError(f"positive_label {c.positive_label}: no training volume has voxels of that label "
                          f"(preprocessed copy {run.version})")
     val = patch_dataset(run.store, c.patch_size, version=run.version, split="validation",
                         samples_per_epoch=c.val_steps * c.batch_size, seed=c.seed + 1, label_name=label,
@@ -82,7 +83,7 @@ def _classification_sampling(c: TrainConfig) -> dict:
     if c.positive_label is None:
         return dict(class_balanced=True, foreground_oversample=1.0)
     if c.positive_class is None:
-        raise ValueError("positive_label needs positive_class (the class a patch holding that label has)")
+        raise SettingError("positive_label needs positive_class (the class a patch holding that label has)")
     return dict(class_balanced=True, foreground_oversample=1 / 2,
                 class_from_label=(c.positive_label, c.min_positive_voxels, c.positive_class),
                 focus=(c.positive_label, c.positive_share) if c.positive_share > 0 else None)
@@ -153,7 +154,7 @@ def _positive(c: TrainConfig, classes: list[str]) -> int | None:
     if c.positive_class is None:
         return None
     if len(classes) != 2 or c.positive_class not in classes:
-        raise ValueError(f"positive_class {c.positive_class!r} needs two classes including it, not {classes}")
+        raise SettingError(f"positive_class {c.positive_class!r} needs two classes including it, not {classes}")
     return classes.index(c.positive_class)
 
 

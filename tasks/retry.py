@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from voxelflow.errors import InvalidInputError
+from voxelflow.errors import StoreError, VoxelflowError
 
 
 def transient_only(task, task_run, state) -> bool:
-    """Prefect ``retry_condition_fn``: retry OS/store errors, not bad input or bugs."""
+    """Prefect ``retry_condition_fn``: retry transient storage errors (``StoreError`` and
+    plain I/O errors), not bad input, settings, things missing from the store, or bugs."""
     try:
         state.result()
-    except InvalidInputError:
-        return False
-    except OSError:  # StoreError is an OSError
+    except StoreError:
+        return True
+    except (VoxelflowError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+        return False  # logical: the same call fails the same way again
+    except OSError:
         return True
     except Exception:  # noqa: BLE001 - a bug: retrying would hide it
         return False

@@ -72,3 +72,13 @@ def test_ingest_then_export(tmp_path, prefect_server):
     outs = sorted((tmp_path / "nifti").glob("*.nii.gz"))
     assert len(outs) == 2
     assert sorted(nib.load(p).shape for p in outs) == [(32, 32, 8), (33, 41, 25)]
+
+
+def test_something_missing_from_the_store_is_one_line_and_exit_2(tmp_path):
+    from voxelflow.store import init_store
+
+    init_store(tmp_path / "store")
+    proc = voxelflow("export-model", tmp_path / "store", "--name", "nosuch")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"voxelflow export-model: error: no model 'nosuch' registered in {tmp_path / 'store'}"
+    assert "Traceback" not in proc.stderr

@@ -34,6 +34,8 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from voxelflow.errors import NotInStoreError, SettingError
+
 
 @dataclass
 class VolumeEntry:
@@ -82,7 +84,7 @@ class ZarrPatchDataset(Dataset):
                  focus: tuple[int, float] | None = None, cache_mb: float = 0,
                  label_map: dict[int, int] | None = None):
         if not entries:
-            raise ValueError("ZarrPatchDataset needs at least one volume")
+            raise SettingError("ZarrPatchDataset needs at least one volume")
         self.store = store
         self.entries = entries
         self.patch_size = tuple(int(p) for p in patch_size)
@@ -99,16 +101,16 @@ class ZarrPatchDataset(Dataset):
         self._focus_entries = [i for i, e in enumerate(entries) if focus and len(e.locations.get(int(focus[0]), ()))]
         if class_from_label is not None:
             if not label_name:
-                raise ValueError("class_from_label needs label patches (label_name)")
+                raise SettingError("class_from_label needs label patches (label_name)")
             if len(self.classes) != 2 or class_from_label[2] not in self.classes:
-                raise ValueError(f"class_from_label needs two classes including {class_from_label[2]!r}, "
+                raise SettingError(f"class_from_label needs two classes including {class_from_label[2]!r}, "
                                  f"not {self.classes}")
         self._by_class: dict[str, list[int]] = defaultdict(list)
         for i, e in enumerate(entries):
             if e.label is not None:
                 self._by_class[e.label].append(i)
         if class_balanced and not self._by_class:
-            raise ValueError("class_balanced sampling needs volumes with a class label")
+            raise SettingError("class_balanced sampling needs volumes with a class label")
         self._arrays: dict[tuple[int, str], zarr.Array] = {}
         self._pid = None
         self.label_map = {int(k): int(v) for k, v in (label_map or {}).items()}
@@ -283,7 +285,7 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
     splits = {r["volume_id"]: r["split"] for r in (_read_parquet(store, "catalog/splits.parquet") or
                                                    _empty()).to_pylist()}
     if split is not None and not splits:
-        raise ValueError(f"{store} has no split; run `voxelflow labels --split`")
+        raise NotInStoreError(f"{store} has no split; run `voxelflow labels --split`")
     label_name = kwargs.get("label_name", "segmentation")
     if version:
         root = f"{store.rstrip('/')}/preprocessed/{version}"

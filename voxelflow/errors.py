@@ -6,7 +6,12 @@ Two families, kept apart because the pipeline treats them differently:
   be stacked consistently). Recorded in the catalog with its reason and skipped; retrying
   cannot help, so tasks never retry these.
 * :class:`StoreError` — a transient or environmental failure while reading or writing
-  (I/O error, store unavailable). Tasks retry these.
+  (I/O error, store unavailable). Tasks retry these (and other ``OSError`` that are not a
+  voxelflow error or a missing file).
+
+User mistakes outside the input files are :class:`SettingError` (a setting) and
+:class:`NotInStoreError` (a volume, model or split the store does not hold); the CLI turns
+any :class:`VoxelflowError` into one line and exit status 2.
 
 As in zarr-python, each error also derives from the matching builtin so callers can catch
 either (``except ValueError`` still works for bad input).
@@ -56,6 +61,17 @@ class SeriesAssemblyError(InvalidInputError):
 
 class StoreError(VoxelflowError, OSError):
     """A store could not be read or written. Transient errors of this kind are retried."""
+
+
+class NotInStoreError(VoxelflowError, FileNotFoundError):
+    """Something asked for is not in the store (a volume, a model, a split, a source file
+    of a volume): the user's mistake or an earlier stage not run, never transient, so never
+    retried although it is a ``FileNotFoundError``."""
+
+
+class SettingError(VoxelflowError, ValueError):
+    """A setting (a config field, a command-line option) is invalid, contradicts another, or
+    selects nothing from the store (no training volume with that label, no volumes at all)."""
 
 
 class SourceError(VoxelflowError, FileNotFoundError):

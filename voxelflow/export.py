@@ -12,6 +12,7 @@ import numpy as np
 from voxelflow import catalog, location
 from voxelflow.io.dicom.diffusion import write_fsl
 from voxelflow.store import open_label, open_volume
+from voxelflow.errors import NotInStoreError, SettingError
 
 
 def export_volume(store: str | os.PathLike, volume_id: str, out_path: str | os.PathLike) -> Path:
@@ -79,12 +80,12 @@ def source_dicom_paths(store: str | os.PathLike, volume_id: str) -> list[Path]:
     """The DICOM files a volume was built from, in slice order, where they still are.
 
     Raises:
-        FileNotFoundError: the volume is not from DICOM, or its files are not at their
+        NotInStoreError: the volume is not from DICOM, or its files are not at their
             source any more (archives are not kept: extract the archive and re-ingest).
     """
     vol = next((v for v in catalog.read_table(store, "volumes").to_pylist() if v["volume_id"] == volume_id), None)
     if vol is None or vol["kind"] != "dicom":
-        raise FileNotFoundError(f"volume {volume_id} is not a DICOM-sourced volume of {store}")
+        raise NotInStoreError(f"volume {volume_id} is not a DICOM-sourced volume of {store}")
     sources = {r["path"]: r["source"] for r in catalog.read_table(store, "files").to_pylist()
                if r["volume_id"] == volume_id}
     paths = []
@@ -92,7 +93,7 @@ def source_dicom_paths(store: str | os.PathLike, volume_id: str) -> list[Path]:
         source = Path(sources[rel])
         path = source / rel if source.is_dir() else source
         if not path.is_file():
-            raise FileNotFoundError(f"source file {rel} of volume {volume_id} is not at {path} "
+            raise NotInStoreError(f"source file {rel} of volume {volume_id} is not at {path} "
                                     "(archive sources are not kept; extract and re-ingest)")
         paths.append(path)
     return paths
@@ -112,7 +113,7 @@ def export_dicom_seg(store: str | os.PathLike, volume_id: str, name: str, out_pa
     labels = open_label(store, volume_id, name)[...]
     values = [int(v) for v in np.unique(labels) if v]
     if not values:
-        raise ValueError(f"label {name} of volume {volume_id} is empty: nothing to export")
+        raise SettingError(f"label {name} of volume {volume_id} is empty: nothing to export")
     names = properties or {}
     segments = [hd.seg.SegmentDescription(
         segment_number=i + 1, segment_label=names.get(v, f"class {v}"),

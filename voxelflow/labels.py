@@ -29,7 +29,7 @@ import pyarrow as pa
 
 from voxelflow import catalog
 from voxelflow.deid import pseudonym
-from voxelflow.errors import LabelError
+from voxelflow.errors import LabelError, SettingError
 from voxelflow.geometry import LPS_TO_RAS, voxel_sizes
 from voxelflow.store import open_label, open_volume, write_label
 
@@ -297,7 +297,7 @@ def make_split(store: str | os.PathLike, seed: int = 0,
     needs, so that no test patient of an earlier model ever moves into training.
     """
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
-        raise ValueError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
+        raise SettingError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
     volumes = catalog.read_table(store, "volumes").to_pylist()
     classes = {r["volume_id"]: r["label"] for r in catalog.read_table(store, "classes", CLASS_SCHEMA).to_pylist()}
     counts: dict[str, int] = defaultdict(int)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from voxelflow import location
-from voxelflow.errors import StoreError
+from voxelflow.errors import NotInStoreError
 
 
 def models_dir(store: str | os.PathLike, name: str) -> Path:
@@ -87,7 +87,7 @@ def register(store: str | os.PathLike, name: str, version: str, *, config: dict[
     """Record a trained version (its folder already holds ``weights.pt``)."""
     folder = version_dir(store, name, version)
     if not (folder / "weights.pt").exists():
-        raise StoreError(f"model {name}/{version} has no weights.pt in {folder}")
+        raise NotInStoreError(f"model {name}/{version} has no weights.pt in {folder}")
     _write_json_atomic(folder / "model.json", {
         "name": name, "version": version, "config": config, "data": snapshot, "code": code_version(),
         "metrics": metrics, "monitor": monitor, "registered_at": datetime.now(timezone.utc).isoformat()})

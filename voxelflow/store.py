@@ -39,7 +39,7 @@ import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from voxelflow import location
-from voxelflow.errors import StoreError
+from voxelflow.errors import NotInStoreError, StoreError
 from voxelflow.geometry import level_affine, voxel_sizes  # noqa: F401 - voxel_sizes re-exported
 
 STORE_FORMAT = "voxelflow-store/1"
@@ -491,7 +491,7 @@ def open_volume(store: str | os.PathLike, volume_id: str, level: int = 0) -> Vol
         datasets = list_levels(group)
         array = group[datasets[level]["path"]]
     except (FileNotFoundError, KeyError, IndexError) as exc:
-        raise StoreError(f"volume {volume_id} (level {level}) not found in {store}: {exc}") from None
+        raise NotInStoreError(f"volume {volume_id} (level {level}) not found in {store}: {exc}") from None
     attrs = dict(group.attrs["voxelflow"])
     base = np.asarray(attrs["affine"], dtype=np.float64)
     # Cumulative per-axis factors of this level, from the NGFF scales (z, y, x).

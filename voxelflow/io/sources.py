@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import lzma
 import os
 import posixpath
 import stat
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,9 +252,17 @@ def _extract(source: str, archive: Path, dest: Path, budget: _Budget, prefix: st
                     inner.unlink(missing_ok=True)  # its members are the inputs now
                 continue
             yield entry
-    except (zipfile.BadZipFile, tarfile.TarError, OSError, EOFError) as exc:
-        yield InputFile(source, prefix.rstrip("/") or archive.name, "",
-                        f"archive cannot be read: {type(exc).__name__}: {exc}")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError) as exc:
+        yield _unreadable(source, archive, prefix, exc)
+    except OSError as exc:
+        if exc.errno is not None:
+            raise  # the machine's error (no space, I/O, permission), not the archive's: transient
+        yield _unreadable(source, archive, prefix, exc)  # a decoder's (bz2, gzip): corrupt data
+
+
+def _unreadable(source: str, archive: Path, prefix: str, exc: BaseException) -> InputFile:
+    return InputFile(source, prefix.rstrip("/") or archive.name, "",
+                     f"archive cannot be read: {type(exc).__name__}: {exc}")
 
 
 def _fetch(source: str, dest: Path) -> Path:
