@@ -230,17 +230,18 @@ def test_every_bad_input_is_recorded_and_the_run_goes_on(tmp_path):
 
 def test_a_parser_crash_fails_only_that_file(tmp_path, monkeypatch):
     import voxelflow.ingest as ingest
+    from voxelflow.ingest import scan
     from voxelflow.io.sources import InputFile
 
     paths = write_ct_series(ct_phantom((3, 16, 16)), tmp_path, SeriesSpec())
-    real = ingest.scan_dicom
+    real = scan.scan_dicom
 
     def crashing(local, path, key, **kw):
         if path.endswith("00002.dcm"):
             raise TypeError("unexpected value representation")
         return real(local, path, key, **kw)
 
-    monkeypatch.setattr(ingest, "scan_dicom", crashing)
+    monkeypatch.setattr(scan, "scan_dicom", crashing)
     recs = [ingest.classify_file(InputFile("s", p.name, str(p)), KEY) for p in paths]
     assert [r.get("status") for r in recs] == [None, "failed", None]
     assert recs[1]["reason"] == "DICOM header cannot be read (TypeError: unexpected value representation)"

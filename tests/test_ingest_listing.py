@@ -26,7 +26,7 @@ def _row(e: InputFile) -> dict:
 
 
 def test_listing_reads_any_slice_across_row_groups(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "LISTING_GROUP", 7)
+    monkeypatch.setattr(ingest.listing, "LISTING_GROUP", 7)
     entries = _entries(50)
     listing = Listing.write(iter(entries), tmp_path / "listing.parquet")  # an iterator, as found
     assert listing.files == 50
@@ -61,7 +61,7 @@ def test_key_tally_is_order_free_and_sees_missing_extra_and_duplicate_keys():
 
 
 def test_accounting_against_the_listing(tmp_path, monkeypatch):
-    monkeypatch.setattr(ingest, "LISTING_GROUP", 4)
+    monkeypatch.setattr(ingest.listing, "LISTING_GROUP", 4)
     entries = _entries(30)
     listing = Listing.write(iter(entries), tmp_path / "listing.parquet")
     rows = [_row(e) for e in entries]
@@ -98,15 +98,17 @@ def test_inputs_are_listed_as_they_are_found(tmp_path):
 
 
 def test_job_rows_as_runs():
-    assert ingest._runs([5, 3, 4, 9, 10, 20, 4]) == [[3, 6], [9, 11], [20, 21]]
-    assert ingest._rows([[3, 6], [9, 11], [20, 21]]).tolist() == [3, 4, 5, 9, 10, 20]
-    assert ingest._runs([]) == [] and ingest._rows([]).tolist() == []
+    from voxelflow.ingest.plan import _rows, _runs
+
+    assert _runs([5, 3, 4, 9, 10, 20, 4]) == [[3, 6], [9, 11], [20, 21]]
+    assert _rows([[3, 6], [9, 11], [20, 21]]).tolist() == [3, 4, 5, 9, 10, 20]
+    assert _runs([]) == [] and _rows([]).tolist() == []
 
 
 def test_scan_tables_and_job_records_read_back_in_row_groups(tmp_path, monkeypatch):
     """A scan batch is written a row group at a time; a job's records are the rows its runs
     name, whichever scan tables they are in."""
-    monkeypatch.setattr(ingest, "SCAN_GROUP", 3)
+    monkeypatch.setattr(ingest.scan, "SCAN_GROUP", 3)
     entries = []
     for i in range(8):
         f = tmp_path / "in" / f"note{i}.txt"
@@ -173,7 +175,7 @@ def test_run_rows_compact_in_levels_and_count_as_they_come(tmp_path, monkeypatch
     """Parts are merged FANIN at a time into parts of the next level: the parts on disk stay
     few, every row is kept once, and the counts are those of all rows added."""
     monkeypatch.setattr(RunRows, "FANIN", 3)
-    monkeypatch.setattr(ingest, "PART_GROUP", 5)
+    monkeypatch.setattr(ingest.rows, "PART_GROUP", 5)
     rows = RunRows(tmp_path / "run")
     keys = [("s", f"f{i:03d}") for i in np.random.default_rng(1).permutation(100)]
     for i in range(0, 100, 4):  # 25 parts
@@ -246,19 +248,21 @@ def test_conversion_hands_rows_over_a_chunk_at_a_time(tmp_path, monkeypatch):
     for i in range(3):
         write_ct_series(ct_phantom((4, 16, 16), seed=i), tmp_path / "src" / f"s{i}",
                         SeriesSpec(series_number=i + 1, series_uid=f"1.2.3.{i}"))
+    from voxelflow.ingest import convert, plan
+
     groups = []
-    real = ingest._convert_group
+    real = convert._convert_group
 
     def counting(store, key, jobs, *args):
         groups.append(sum(j["n"] for j in jobs))
         return real(store, key, jobs, *args)
 
-    monkeypatch.setattr(ingest, "_convert_group", counting)
-    monkeypatch.setattr(ingest, "MAX_TASKS", 1)  # one conversion batch of 3 series
-    monkeypatch.setattr(ingest, "CONVERT_CHUNK", 6)
+    monkeypatch.setattr(convert, "_convert_group", counting)
+    monkeypatch.setattr(plan, "MAX_TASKS", 1)  # one conversion batch of 3 series
+    monkeypatch.setattr(convert, "CONVERT_CHUNK", 6)
     summary = run_local(IngestConfig(sources=[str(tmp_path / "src")], store=str(tmp_path / "a")))
     assert sorted(groups) == [4, 4, 4] and (summary["volumes"], summary["converted"]) == (3, 12)
-    monkeypatch.setattr(ingest, "CONVERT_CHUNK", 1024)
+    monkeypatch.setattr(convert, "CONVERT_CHUNK", 1024)
     groups.clear()
     run_local(IngestConfig(sources=[str(tmp_path / "src")], store=str(tmp_path / "b")))
     assert groups == [12]

@@ -50,7 +50,7 @@ def makedirs(target: Any) -> None:
 
 
 @contextlib.contextmanager
-def _replacing(target: Path) -> Iterator[Path]:
+def replacing(target: Path) -> Iterator[Path]:
     """A temporary path beside local ``target`` that replaces it when the block ends without
     an error (a rename: readers see the old or the new file, never a part)."""
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def write_bytes(target: Any, data: bytes) -> None:
     if is_url(target):
         path(target).write_bytes(data)
         return
-    with _replacing(Path(target)) as tmp:
+    with replacing(Path(target)) as tmp:
         tmp.write_bytes(data)
 
 
@@ -168,5 +168,5 @@ def write_parquet_stream(tables: Iterable[Any], schema: Any, target: Any, row_gr
         written = write(sink)
         write_bytes(target, sink.getvalue().to_pybytes())
         return written
-    with _replacing(Path(target)) as tmp:
+    with replacing(Path(target)) as tmp:
         return write(str(tmp))
