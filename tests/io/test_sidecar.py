@@ -21,7 +21,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from voxelflow.io.dicom import sidecar
+from voxelflow.io.dicom import coerce, sidecar, timing
 from voxelflow.io.dicom.sidecar import SIDECAR_KEYWORDS, bids_sidecar
 
 CORPUS = Path(__file__).resolve().parents[2].parent / "shared" / "dicom-corpus"
@@ -87,7 +87,7 @@ def _references() -> list[tuple[str, str, str]]:
 
 def _attributes(ds: pydicom.Dataset) -> dict[str, Any]:
     """The normalised top-level attributes the header scan would store for SIDECAR_KEYWORDS."""
-    return {k: sidecar._normalise(ds.get(k)) for k in SIDECAR_KEYWORDS if ds.get(k) not in (None, "")}
+    return {k: coerce.normalise(ds.get(k)) for k in SIDECAR_KEYWORDS if ds.get(k) not in (None, "")}
 
 
 def _component(ds: pydicom.Dataset, frame: pydicom.Dataset | None = None) -> str:
@@ -172,23 +172,23 @@ def _inputs(repo: str, folder: str, name: str) -> dict[str, Any]:
         extra.update(sidecar.functional_group_attributes(ds, frame))
     if manufacturer.startswith("SI"):
         if "MOSAIC" in [str(v).upper() for v in ds.get("ImageType", [])]:
-            kwargs["slice_times"] = sidecar.slice_times_from_csa([d for _, d in images[:2]])
-            kwargs["phase_polarity"] = sidecar.phase_polarity_from_csa(ds)
-            n = int(sidecar._csa_floats(sidecar._csa_tags(ds), "NumberOfImagesInMosaic")[0])
+            kwargs["slice_times"] = timing.slice_times_from_csa([d for _, d in images[:2]])
+            kwargs["phase_polarity"] = timing.phase_polarity_from_csa(ds)
+            n = int(timing._csa_floats(timing._csa_tags(ds), "NumberOfImagesInMosaic")[0])
             per_side = math.ceil(math.sqrt(n))
             extra.update(Rows=float(ds.Rows // per_side), Columns=float(ds.Columns // per_side))
         elif "PerFrameFunctionalGroupsSequence" in ds:
-            kwargs["slice_times"] = sidecar.slice_times_from_frames([d for _, d in images[:2]])
-            kwargs["phase_polarity"] = sidecar.phase_polarity_from_frames(ds)
+            kwargs["slice_times"] = timing.slice_times_from_frames([d for _, d in images[:2]])
+            kwargs["phase_polarity"] = timing.phase_polarity_from_frames(ds)
         else:
-            kwargs["phase_polarity"] = sidecar.phase_polarity_from_csa(ds)
+            kwargs["phase_polarity"] = timing.phase_polarity_from_csa(ds)
     elif manufacturer.startswith("GE"):
         volume = _first_volume(images)
         if len(images) > len(volume):  # dcm2niix times GE slices of 4-D series only
-            kwargs["slice_times"] = sidecar.slice_times_ge(volume)
-        kwargs["phase_polarity"] = sidecar.phase_polarity_ge(ds)
-        extra["RepetitionTime"] = sidecar.repetition_time_ge(ds)
-        extra["ComplexImageComponent"] = sidecar.complex_component_ge(ds)
+            kwargs["slice_times"] = timing.slice_times_ge(volume)
+        kwargs["phase_polarity"] = timing.phase_polarity_ge(ds)
+        extra["RepetitionTime"] = timing.repetition_time_ge(ds)
+        extra["ComplexImageComponent"] = timing.complex_component_ge(ds)
     kwargs["extra"] = extra
     return kwargs
 
@@ -311,7 +311,7 @@ def test_identifiers_in_the_attributes_never_reach_the_sidecar():
 def test_a_real_header_given_whole_gives_no_identifier(repo, folder):
     """Every top-level value of a real file, identifiers included, goes in; none comes out."""
     path, ds = _images(repo, folder)[0]
-    everything = {el.keyword: sidecar._normalise(el.value) for el in ds
+    everything = {el.keyword: coerce.normalise(el.value) for el in ds
                   if el.keyword and el.VR not in ("SQ", "OB", "OW", "UN") and el.value not in (None, "")}
     text = json.dumps(bids_sidecar(everything))
     for keyword in IDENTIFIERS:
@@ -429,24 +429,24 @@ def _ge_volume(n: int, *, order: str | None, mb: int | None = None, tr: float = 
 
 def test_ge_interleaved_slices_in_prescribed_order_then_sorted_along_the_normal():
     # prescribed (instance) order top to bottom: slices 0, 2, 4 are excited first
-    times = sidecar.slice_times_ge(_ge_volume(6, order="1", descending=True)[::-1])
+    times = timing.slice_times_ge(_ge_volume(6, order="1", descending=True)[::-1])
     assert times == pytest.approx([1.0, 0.4, 0.8, 0.2, 0.6, 0.0])  # bottom slice (instance 6) first
 
 
 def test_ge_multiband_and_the_extra_excitation_before_release_27_r3():
-    assert sidecar.slice_times_ge(_ge_volume(6, order="0", mb=2, tr=900.0)) == pytest.approx(
+    assert timing.slice_times_ge(_ge_volume(6, order="0", mb=2, tr=900.0)) == pytest.approx(
         [0.0, 0.3, 0.6, 0.0, 0.3, 0.6])
     # 27.0 R02: 8 slices at multiband 2 are 4 excitations, an even number, so 5 are timed
     old = _ge_volume(8, order="0", mb=2, tr=1000.0, software="27\\LX\\MR Software release:RX27.0_R02_1831.a")
-    assert sidecar.slice_times_ge(old) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.0, 0.2, 0.4])
+    assert timing.slice_times_ge(old) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 0.0, 0.2, 0.4])
 
 
 def test_ge_group_delay_lengthens_the_tr_not_the_slice_spacing():
     volume = _ge_volume(4, order="0", tr=2000.0, delay=1.0)
-    assert sidecar.repetition_time_ge(volume[0]) == pytest.approx(3000.0)
-    assert sidecar.slice_times_ge(volume) == pytest.approx([0.0, 0.5, 1.0, 1.5])
-    assert sidecar.slice_times_ge(_ge_volume(4, order="0", iopt="EPI, MPhVar")) is None  # variable delays
-    assert sidecar.slice_times_ge(_ge_volume(1, order="0")) is None
+    assert timing.repetition_time_ge(volume[0]) == pytest.approx(3000.0)
+    assert timing.slice_times_ge(volume) == pytest.approx([0.0, 0.5, 1.0, 1.5])
+    assert timing.slice_times_ge(_ge_volume(4, order="0", iopt="EPI, MPhVar")) is None  # variable delays
+    assert timing.slice_times_ge(_ge_volume(1, order="0")) is None
 
 
 def test_ge_user_data_block_gives_polarity_and_view_order_reverses_it():
@@ -461,12 +461,12 @@ def test_ge_user_data_block_gives_polarity_and_view_order_reverses_it():
         ds.private_block(0x0043, "GEMS_PARM_01", create=True).add_new(0x2A, "OB", bytes(raw))
         return ds
 
-    assert sidecar.phase_polarity_ge(user_data(flipped=True, bottom_up=False)) == 0
-    assert sidecar.phase_polarity_ge(user_data(flipped=False, bottom_up=False)) == 1
-    assert sidecar.phase_polarity_ge(user_data(flipped=True, bottom_up=True)) == 1
+    assert timing.phase_polarity_ge(user_data(flipped=True, bottom_up=False)) == 0
+    assert timing.phase_polarity_ge(user_data(flipped=False, bottom_up=False)) == 1
+    assert timing.phase_polarity_ge(user_data(flipped=True, bottom_up=True)) == 1
     reordered = user_data(flipped=True, bottom_up=False)
     reordered.RectilinearPhaseEncodeReordering = "REVERSE_LINEAR"  # the standard tag wins
-    assert sidecar.phase_polarity_ge(reordered) == 1
+    assert timing.phase_polarity_ge(reordered) == 1
 
 
 # Siemens XA: per-frame private times and polarity
@@ -495,11 +495,11 @@ def _xa_volume(times: list[float], z: list[float], polarity: str = "1") -> pydic
 def test_xa_frame_times_sorted_along_the_normal_from_the_second_volume():
     first = _xa_volume([0.2, 0.0, 0.1], [4.0, 0.0, 2.0])
     second = _xa_volume([9.9, 9.5, 9.6], [4.0, 0.0, 2.0], polarity="0")
-    assert sidecar.slice_times_from_frames([first]) == pytest.approx([0.0, 0.1, 0.2])
-    assert sidecar.slice_times_from_frames([first, second]) == pytest.approx([9.5, 9.6, 9.9])
-    assert bids_sidecar(BASE, slice_times=sidecar.slice_times_from_frames([first, second]))["SliceTiming"] == \
+    assert timing.slice_times_from_frames([first]) == pytest.approx([0.0, 0.1, 0.2])
+    assert timing.slice_times_from_frames([first, second]) == pytest.approx([9.5, 9.6, 9.9])
+    assert bids_sidecar(BASE, slice_times=timing.slice_times_from_frames([first, second]))["SliceTiming"] == \
         pytest.approx([0.0, 0.1, 0.4])
-    assert (sidecar.phase_polarity_from_frames(first), sidecar.phase_polarity_from_frames(second)) == (1, 0)
+    assert (timing.phase_polarity_from_frames(first), timing.phase_polarity_from_frames(second)) == (1, 0)
 
 
 def test_functional_groups_give_standard_values_and_skip_private_ones():
@@ -528,12 +528,12 @@ def test_mosaic_times_come_from_the_second_volume_only_when_the_first_is_off():
         return sorted((d for _, d in _images("dcm_qa", folder)), key=lambda d: int(d.InstanceNumber))
 
     bogus = volumes("In/Orientation/axmb/AxInt36mb")  # CMRR's first volume spans 0..8.6e7 ms
-    times = sidecar.slice_times_from_csa(bogus)
-    assert max(times) < 3.0 and times == pytest.approx(sidecar._mosaic_times(bogus[1]))
+    times = timing.slice_times_from_csa(bogus)
+    assert max(times) < 3.0 and times == pytest.approx(timing._mosaic_times(bogus[1]))
     steady = volumes("In/Orientation/ax/axasc36")  # both span 2.44 s: the first volume's
-    assert sidecar.slice_times_from_csa(steady) == pytest.approx(sidecar._mosaic_times(steady[0]))
-    assert sidecar._mosaic_times(steady[0]) != pytest.approx(sidecar._mosaic_times(steady[1]))
+    assert timing.slice_times_from_csa(steady) == pytest.approx(timing._mosaic_times(steady[0]))
+    assert timing._mosaic_times(steady[0]) != pytest.approx(timing._mosaic_times(steady[1]))
     uneven = volumes("In/Orientation/ax/axasc35")  # 2.4375 s then 2.44 s: the second volume's
-    assert sidecar.slice_times_from_csa(uneven) == pytest.approx(sidecar._mosaic_times(uneven[1]))
+    assert timing.slice_times_from_csa(uneven) == pytest.approx(timing._mosaic_times(uneven[1]))
     sagittal = volumes("In/Orientation/sag/sagasc36")[0]  # CSA normal against row x column
-    assert sidecar._mosaic_times(sagittal)[0] == pytest.approx(max(sidecar._mosaic_times(sagittal)))
+    assert timing._mosaic_times(sagittal)[0] == pytest.approx(max(timing._mosaic_times(sagittal)))
