@@ -47,6 +47,6 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
 
 
 def run_infer(config: infer.InferConfig, gpu: bool | None = None, **kwargs) -> dict:
-    from flows.runtime import local_gpus
+    from flows.runtime import use_gpu
 
-    return run_on_dask(infer_flow, config, gpu=bool(local_gpus()) if gpu is None else gpu, **kwargs)
+    return run_on_dask(infer_flow, config, gpu=use_gpu(gpu), **kwargs)

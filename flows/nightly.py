@@ -16,7 +16,7 @@ from flows.preprocess import preprocess_flow
 from flows.train import train_flow
 from tasks.retry import RETRY
 from flows.nightly_config import NightlyConfig, attach_labels
-from flows.runtime import dask_task_runner, local_cluster, local_gpus
+from flows.runtime import dask_task_runner, local_cluster, use_gpu
 
 
 @task(name="attach-labels", cache_policy=NO_CACHE, **RETRY)
@@ -113,7 +113,7 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
     config = _load(config, config_file)
     log = get_run_logger()
     stages: list[dict[str, Any]] = []
-    gpu = bool(local_gpus()) if config.gpu is None else config.gpu
+    gpu = use_gpu(config.gpu)
 
     def record(stage: str, summary: dict, **shown: Any) -> None:
         stages.append({"stage": stage, "status": "completed", **{k: str(v) for k, v in shown.items()}})
@@ -165,7 +165,7 @@ def ingest_from_config(config_file: str, dask_address: str | None = None) -> dic
 @flow(name="infer-from-config", description="Bulk inference with every configured model's current version")
 def infer_from_config(config_file: str, dask_address: str | None = None) -> dict:
     config = NightlyConfig.from_file(config_file)
-    gpu = bool(local_gpus()) if config.gpu is None else config.gpu
+    gpu = use_gpu(config.gpu)
     out = {}
     with _cluster(dask_address, None) as address:
         for spec in config.models:

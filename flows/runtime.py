@@ -199,6 +199,12 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
                         "dashboard_address": ":0"})
 
 
+def use_gpu(gpu: bool | None) -> bool:
+    """Whether GPU workers take training and inference: as asked, else when this machine has
+    a GPU (``None``)."""
+    return bool(local_gpus()) if gpu is None else gpu
+
+
 def local_gpus() -> int:
     """How many NVIDIA GPUs this machine exposes (device files; no CUDA import)."""
     import glob

@@ -28,7 +28,6 @@ def train_flow(run: TrainRun, gpu: bool = False) -> dict:
 def run_train(run: TrainRun, gpu: bool | None = None, **kwargs) -> dict:
     """Run on Dask; ``gpu=None`` asks for a GPU worker when this machine has a GPU (the local
     cluster then declares one)."""
-    from flows.runtime import local_gpus
+    from flows.runtime import use_gpu
 
-    use_gpu = bool(local_gpus()) if gpu is None else gpu
-    return run_on_dask(train_flow, run, gpu=use_gpu, **kwargs)
+    return run_on_dask(train_flow, run, gpu=use_gpu(gpu), **kwargs)

@@ -79,10 +79,7 @@ def _num_classes(state: dict) -> int:
 def plan(config: InferConfig, info: dict[str, Any]) -> tuple[list[str], list[str]]:
     pre = info["config"]["version"]
     root = f"{config.store}/preprocessed/{pre}"
-    candidates = [r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist() if r["status"] == "done"]
-    if config.split:
-        splits = {r["volume_id"]: r["split"] for r in catalog.read_table(config.store, "splits").to_pylist()}
-        candidates = [v for v in candidates if splits.get(v) == config.split]
+    candidates = [r["volume_id"] for r in catalog.preprocessed_volumes(config.store, pre, config.split or None)]
     if config.volumes is not None:
         candidates = [v for v in candidates if v in config.volumes]
     # done: predicted by this version from the volume as it is now (a re-ingested or

@@ -138,10 +138,8 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
 
 def _split_volumes(run: TrainRun, split: str, labelled: bool = False) -> list[str]:
     """Preprocessed volumes of one split (with a label map, if ``labelled``)."""
-    splits = {r["volume_id"]: r["split"] for r in catalog.read_table(run.store, "splits").to_pylist()}
-    root = f"{run.store}/preprocessed/{run.version}"
-    return [r["volume_id"] for r in catalog.read_table(root, "preprocessed").to_pylist()
-            if r["status"] == "done" and splits.get(r["volume_id"]) == split and (r["classes"] or not labelled)]
+    return [r["volume_id"] for r in catalog.preprocessed_volumes(run.store, run.version, split)
+            if r["classes"] or not labelled]
 
 
 def _volume_classes(run: TrainRun, ids: list[str], classes: list[str]) -> tuple[list[str], list[int]]:

@@ -235,11 +235,7 @@ def replay(config: OfflineConfig, augmented_id: str) -> tuple[np.ndarray, np.nda
 
 def plan(config: OfflineConfig) -> tuple[list[tuple[str, int]], int]:
     """The (volume, copy) pairs still to make, and how many exist already."""
-    src_root = location.path(config.store) / "preprocessed" / config.version
-    volumes = [r["volume_id"] for r in catalog.read_table(src_root, "preprocessed").to_pylist() if r["status"] == "done"]
-    if config.split:
-        splits = {r["volume_id"]: r["split"] for r in catalog.read_table(config.store, "splits").to_pylist()}
-        volumes = [v for v in volumes if splits.get(v) == config.split]
+    volumes = [r["volume_id"] for r in catalog.preprocessed_volumes(config.store, config.version, config.split or None)]
     existing = {(r["source_volume"], r["copy"]) for r in
                 catalog.read_table(output_root(config), "augmented", AUGMENTED_SCHEMA).to_pylist()}
     todo = [(v, c) for v in sorted(volumes) for c in range(config.copies) if (v, c) not in existing]

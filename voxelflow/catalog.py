@@ -108,6 +108,17 @@ def read_table(store: str | os.PathLike, name: str, schema: pa.Schema | None = N
     return location.read_parquet(path)
 
 
+def preprocessed_volumes(store: str | os.PathLike, version: str, split: str | None = None) -> list[dict[str, Any]]:
+    """The rows of the finished volumes (status ``done``) of preprocessed copy ``version``,
+    those of one split of the store's catalog when ``split`` is given."""
+    root = f"{str(store).rstrip('/')}/preprocessed/{version}"
+    rows = [r for r in read_table(root, "preprocessed").to_pylist() if r["status"] == "done"]
+    if split is None:
+        return rows
+    splits = {r["volume_id"]: r["split"] for r in read_table(store, "splits").to_pylist()}
+    return [r for r in rows if splits.get(r["volume_id"]) == split]
+
+
 def write_table(store: str | os.PathLike, name: str, table: pa.Table) -> None:
     """Replace ``catalog/<name>.parquet`` atomically."""
     _write_atomic(table, catalog_dir(store) / f"{name}.parquet")

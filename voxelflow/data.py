@@ -34,7 +34,9 @@ import torch
 import zarr
 from torch.utils.data import DataLoader, Dataset
 
+from voxelflow import catalog
 from voxelflow.errors import NotInStoreError, SettingError
+from voxelflow.preprocess import locations_for
 
 
 @dataclass
@@ -260,18 +262,6 @@ def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
 # ----------------------------------------------------------------------------- building
 
 
-def _read_parquet(root: str, rel: str):
-    import pyarrow.parquet as pq
-
-    if "://" in root:
-        import fsspec
-
-        with fsspec.open(f"{root.rstrip('/')}/{rel}", "rb") as fh:
-            return pq.read_table(fh)
-    path = os.path.join(root, rel)
-    return pq.read_table(path) if os.path.exists(path) else None
-
-
 def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str | None = None,
                   split: str | None = None, **kwargs: Any) -> ZarrPatchDataset:
     """A :class:`ZarrPatchDataset` over a store's volumes, or over its preprocessed copy
@@ -280,22 +270,20 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
     have that label. ``store`` may be a local path or an fsspec URL.
     """
     store = str(store)
-    classes = {r["volume_id"]: r["label"] for r in (_read_parquet(store, "catalog/classes.parquet") or
-                                                    _empty()).to_pylist()}
-    splits = {r["volume_id"]: r["split"] for r in (_read_parquet(store, "catalog/splits.parquet") or
-                                                   _empty()).to_pylist()}
+    classes = {r["volume_id"]: r["label"] for r in catalog.read_table(store, "classes").to_pylist()}
+    splits = {r["volume_id"]: r["split"] for r in catalog.read_table(store, "splits").to_pylist()}
     if split is not None and not splits:
         raise NotInStoreError(f"{store} has no split; run `voxelflow labels --split`")
     label_name = kwargs.get("label_name", "segmentation")
     if version:
         root = f"{store.rstrip('/')}/preprocessed/{version}"
-        rows = [r for r in _read_parquet(root, "catalog/preprocessed.parquet").to_pylist() if r["status"] == "done"]
+        rows = catalog.preprocessed_volumes(store, version)
         # a preprocessed copy holds one label name, written where the volume had it
         labelled = {r["volume_id"] for r in rows if r.get("label_digest")}
     else:
         root = store
-        rows = [r for r in _read_parquet(store, "catalog/volumes.parquet").to_pylist() if len(r["shape"]) == 3]
-        labelled = {r["volume_id"] for r in (_read_parquet(store, "catalog/labels.parquet") or _empty()).to_pylist()
+        rows = [r for r in catalog.read_table(store, "volumes").to_pylist() if len(r["shape"]) == 3]
+        labelled = {r["volume_id"] for r in catalog.read_table(store, "labels").to_pylist()
                     if r.get("name") == label_name}
     if label_name:  # patches with labels come from volumes that have them
         rows = [r for r in rows if r["volume_id"] in labelled]
@@ -304,24 +292,12 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
         vid = r["volume_id"]
         if split is not None and splits.get(vid) != split:
             continue
-        locations: dict[int, np.ndarray] = {}
-        if version:
-            table = _read_parquet(root, f"catalog/locations/{vid}.parquet")
-            if table is not None and table.num_rows:
-                labels = table.column("label").to_numpy()
-                zyx = np.stack([table.column(c).to_numpy() for c in ("z", "y", "x")], axis=1)
-                locations = {int(v): zyx[labels == v] for v in np.unique(labels)}
+        locations = locations_for(root, vid) if version else {}
         entries.append(VolumeEntry(vid, tuple(r["shape"]), classes.get(vid), locations))
     # class indices from the whole catalog, so every split numbers the classes alike even when
     # one of them lacks a class
     kwargs.setdefault("classes", sorted(set(classes.values())) or None)
     return ZarrPatchDataset(root, entries, patch_size, **kwargs)
-
-
-def _empty():
-    import pyarrow as pa
-
-    return pa.table({"volume_id": pa.array([], pa.string())})
 
 
 def make_loader(dataset: ZarrPatchDataset, batch_size: int = 2, num_workers: int = 0, **kwargs: Any) -> DataLoader:
