@@ -107,19 +107,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
         settings = {
             # the liver, lesions included (LiTS's liver task: the lesions are the classifier's),
             # is one piece: keep its largest component. 40 steps an epoch: with 20 the U-Net
-            # took the spleen for liver in a few test volumes (Dice 0.86, HD95 46 mm; 40: 0.95,
-            # 4.8 mm, same store)
+            # took the spleen for liver in a few test volumes (README: the demo's figures)
             "segmentation": ["steps_per_epoch=40", "patch_size=[32,64,64]", 'label_map={"2": 1}', "keep_largest=[1]"],
             # lesion / no lesion as detection: patch targets from the lesion label (value 2),
             # a volume is positive when one of its windows is. A 2-D slice classifier (patches
-            # one slice deep) with a stride-2 stem: ~370 patches/s on 2 CPU cores, where a 3-D
-            # one on 24x48x48 patches managed ~7 and did not learn the lesions in the demo's time
-            # (test F1 0.40).
+            # one slice deep) with a stride-2 stem: a 3-D one sees too few patches in the demo's
+            # time to learn the lesions (README: "The classifier is a slice classifier").
             "classification": ["steps_per_epoch=100", "batch_size=32", "patch_size=[1,64,64]", "stem_stride=2",
                                "positive_class=lesion", "positive_label=2"],
         }
-        # the classifier's on-the-fly augmentation: flips only (models.run.FLIPS_ONLY); with 60
-        # patients (36 for training) test F1 1.00 on 12 volumes (README)
+        # the classifier's on-the-fly augmentation: flips only (models.run.FLIPS_ONLY; README)
         from models.run import FLIPS_ONLY
 
         augment = {"segmentation": [], "classification": [f"{k}={json.dumps(v)}" for k, v in FLIPS_ONLY.items()]}

@@ -33,18 +33,17 @@ class TrainRun(BaseModel):
     # Its ranges: spatial only by default. No mirroring: body anatomy is lateralised (liver
     # right, spleen left) and a flipped abdomen teaches the network to confuse them. No
     # intensity changes: CT values are calibrated (HU), and gamma/contrast changes blur the
-    # 30-60 HU that tell liver from muscle and spleen (measured on the demo store: test liver
-    # Dice 0.86 with them, 0.94 without, same budget). Elastic deformation is off for speed
-    # (MONAI's 3-D elastic transform costs more than a CPU training step). Pass a full
-    # AugmentConfig() for MR or multi-site data.
+    # 30-60 HU that tell liver from muscle and spleen (README: what it cost on the demo store).
+    # Elastic deformation is off for speed (MONAI's 3-D elastic transform costs more than a CPU
+    # training step). Pass a full AugmentConfig() for MR or multi-site data.
     augmentation: AugmentConfig = AugmentConfig(flip_prob=0.0, elastic_prob=0.0, gamma=(1.0, 1.0), contrast=(1.0, 1.0),
                                                 noise_std=(0.0, 0.0), bias_prob=0.0)
     label_name: str = "segmentation"
 
 
 # A classifier's augmentation of choice on a CPU (the demo's, bench/classifier.py's default):
-# flips only, over the spatial default. MONAI's Affine costs ~2 ms of Python a call, 4x a
-# 2-D slice's training step, and flips generalised as well on the demo's lesions.
+# flips only, over the spatial default: rotation and scaling cost several times a 2-D slice's
+# training step in MONAI's Python, and flips generalised as well on the demo's lesions (README).
 FLIPS_ONLY = {"rotate_deg": 0.0, "scale": [1.0, 1.0], "translate_vox": 0.0, "flip_prob": 0.5}
 
 

@@ -51,35 +51,26 @@ class TrainConfig(BaseModel):
     weight_decay: float = 1e-4
     dropout: float = 0.1
     channels: tuple[int, ...] = (16, 32, 64, 128)
-    # Mixed precision (bf16 autocast on CUDA; no effect on a CPU). Off by default: measured on an
-    # H100 (bench/train.py, two runs), the default U-Net's step was never faster with it: AMP over
-    # float32 0.73-0.86x at batch 2 and 0.83-1.00x at batch 16 (model alone, cuDNN autotuning off
-    # or on), 0.64-0.85x fed by 2 or 8 loader workers (0.81x and 1.02x with none, where loading
-    # dominates); channels-last did not change that. A 1.2 M-parameter network on
-    # 32x64x64 patches leaves the GPU waiting on kernel launches (20-70 % busy), autocast adds a
-    # cast kernel before each convolution, and float32 convolutions already run on tensor cores
-    # (TF32). Turn it on for wide networks or large patches, where the step is compute-bound.
-    # (Without deterministic kernels a float32 run resumed on a GPU is not bit-identical to an
-    # uninterrupted one, where bf16 happened to be; with them it is: tests/test_gpu.py.)
+    # Mixed precision (bf16 autocast on CUDA; no effect on a CPU). Off by default: a small
+    # network's step waits on kernel launches, not on convolutions that already run in TF32, so
+    # autocast only adds cast kernels (bench/train.py; figures in the README, "Training and
+    # inference"). Turn it on for wide networks or large patches, where the step is compute-bound.
     amp: bool = False
     # cuDNN autotuning (``torch.backends.cudnn.benchmark``) of the convolutions on CUDA, unless
-    # deterministic kernels are asked for. Off by default: measured on an H100 (bench/train.py,
-    # model alone, 200 steps), it made the default U-Net's float32 step slower at batch 2 (198 ->
-    # 166 samples/s; 182 -> 169 in a 40-step run) and left batch 16 within noise (1488 -> 1517;
-    # 1482 -> 1252 in a 40-step run): the kernels it picks are faster alone, but a step this
-    # small waits on launches, not on the convolutions. Inference (models.infer) turns it on.
+    # deterministic kernels are asked for. Off by default for the same reason as ``amp``: the
+    # kernels it picks are faster alone, but a small step waits on launches (bench/train.py;
+    # README). Inference (models.infer), with larger batches of windows, turns it on.
     cudnn_benchmark: bool = False
     # "inverse" (inverse class frequency), "sqrt" (its square root) or "none"; default: none for
-    # segmentation (the Dice term already balances classes; inverse weights stalled training on
-    # the synthetic archive: loss 1.0 / Dice 0.7 against 0.52 / 0.92 unweighted after 15
-    # epochs), inverse for classification.
+    # segmentation (the Dice term already balances classes, and inverse weights on top of it
+    # stalled training on the synthetic archive: README), inverse for classification.
     class_weighting: Literal["none", "sqrt", "inverse"] | None = None
     early_stopping: int = 5
     seed: int = 0
     num_workers: int = 0
     # decoded chunks each data-loading process keeps (ZarrPatchDataset ``cache_mb``): patches
-    # drawn again from the same volumes decode nothing twice (demo classifier's 24x48x48 patches,
-    # 2 CPU cores: 7 -> ~1 ms a patch); per loader worker
+    # drawn again from the same volumes decode nothing twice (README: the patch read time it
+    # saves); per loader worker
     cache_mb: float = Field(512, ge=0)
     latent_size: int = 64
     keep_largest: tuple[int, ...] = ()  # segmentation post-processing: classes kept as one component
