@@ -97,6 +97,33 @@ def labelled_store(tmp_path_factory):
     return store
 
 
+def run_cli(*args, env: dict | None = None, inherit: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``voxelflow ARGS`` in a subprocess, as a user runs it (``python -m flows.cli``); ``env``
+    is added to this process's environment, or replaces it with ``inherit=False``."""
+    import sys
+
+    environment = {**os.environ, **(env or {})} if inherit else dict(env or {})
+    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=environment)
+
+
+# A training configuration a few steps long on a small network and small patches, for tests
+# that need a trained model, not a good one (JSON-friendly: nightly settings take it as is).
+TINY_TRAIN = {"patch_size": [16, 32, 32], "epochs": 2, "steps_per_epoch": 3, "val_steps": 2, "batch_size": 2,
+              "channels": [8, 16, 32]}
+
+
+@pytest.fixture(scope="session")
+def preprocessed_store(labelled_store) -> tuple[str, str]:
+    """``(store, version)``: the labelled store with a preprocessed copy at 2 x 2 x 3 mm (made
+    once a session; later calls find it done)."""
+    from voxelflow.preprocess import PreprocessConfig, resolve, run_local
+
+    config = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
+    run_local(config)
+    return str(labelled_store), config.version()
+
+
 @contextlib.contextmanager
 def dask_cli_cluster(folder: Path, prefect_api: str, *worker_args: list[str]):
     """A Dask scheduler and worker processes started with the `dask` command line, as a user

@@ -22,17 +22,14 @@ from voxelflow.augment import (
     run_local,
     sample_params,
 )
-from voxelflow.preprocess import PreprocessConfig, resolve
-from voxelflow.preprocess import run_local as preprocess
 
 EVERYTHING = AugmentConfig(elastic_prob=1.0, bias_prob=1.0)
 
 
 @pytest.fixture(scope="module")
-def offline(labelled_store):
-    pre = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
-    preprocess(pre)
-    config = OfflineConfig(store=str(labelled_store), version=pre.version(), copies=2, augment=EVERYTHING)
+def offline(preprocessed_store):
+    store, version = preprocessed_store
+    config = OfflineConfig(store=store, version=version, copies=2, augment=EVERYTHING)
     return config, run_local(config)
 
 

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import nibabel as nib
 import pytest
 
-from tests.conftest import NIBABEL_DATA
+from tests.conftest import NIBABEL_DATA, run_cli
 from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
 
 
-def voxelflow(*args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+voxelflow = run_cli
 
 
 def test_missing_source_exits_2_with_reason(tmp_path):

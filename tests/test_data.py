@@ -12,7 +12,6 @@ from zarr.storage import LocalStore, WrapperStore
 
 from voxelflow import store as st
 from voxelflow.data import VolumeEntry, ZarrPatchDataset, make_loader, patch_dataset
-from voxelflow.preprocess import PreprocessConfig, resolve, run_local
 
 
 class CountingStore(WrapperStore):
@@ -129,12 +128,11 @@ def test_small_volumes_are_padded(cube):
     assert item["image"][0, 64:].abs().sum() == 0
 
 
-def test_dataset_from_a_preprocessed_split_and_an_fsspec_url(labelled_store):
-    config = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
-    run_local(config)
-    local = patch_dataset(str(labelled_store), (16, 32, 32), version=config.version(), split="train",
+def test_dataset_from_a_preprocessed_split_and_an_fsspec_url(labelled_store, preprocessed_store):
+    _, version = preprocessed_store
+    local = patch_dataset(str(labelled_store), (16, 32, 32), version=version, split="train",
                           samples_per_epoch=6)
-    remote = patch_dataset(f"file://{labelled_store}", (16, 32, 32), version=config.version(), split="train",
+    remote = patch_dataset(f"file://{labelled_store}", (16, 32, 32), version=version, split="train",
                            samples_per_epoch=6)
     from voxelflow import catalog
 
@@ -143,7 +141,7 @@ def test_dataset_from_a_preprocessed_split_and_an_fsspec_url(labelled_store):
                 if r["name"] == "segmentation"}
     assert train - labelled  # the MR volume's labels are named "brain": not a source of segmentation patches
     assert {e.volume_id for e in local.entries} == train & labelled
-    images_only = patch_dataset(str(labelled_store), (16, 32, 32), version=config.version(), split="train",
+    images_only = patch_dataset(str(labelled_store), (16, 32, 32), version=version, split="train",
                                 label_name=None)
     assert {e.volume_id for e in images_only.entries} == train
     assert all(e.locations for e in local.entries)  # from preprocessing: foreground oversampling works
@@ -152,12 +150,11 @@ def test_dataset_from_a_preprocessed_split_and_an_fsspec_url(labelled_store):
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
 
 
-def test_patch_classes_from_the_label(labelled_store):
+def test_patch_classes_from_the_label(labelled_store, preprocessed_store):
     """With ``class_from_label`` a patch is "lesion" exactly when it holds enough lesion voxels,
     whatever its volume's class."""
-    config = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
-    run_local(config)
-    ds = patch_dataset(str(labelled_store), (8, 16, 16), version=config.version(), samples_per_epoch=60,
+    _, version = preprocessed_store
+    ds = patch_dataset(str(labelled_store), (8, 16, 16), version=version, samples_per_epoch=60,
                        class_balanced=True, foreground_oversample=2 / 3, class_from_label=(2, 5, "lesion"))
     assert ds.classes == ["lesion", "no_lesion"]
     seen = set()
@@ -170,7 +167,7 @@ def test_patch_classes_from_the_label(labelled_store):
         seen.add(expected)
     assert {0, 1} <= seen
     with pytest.raises(ValueError, match="two classes"):
-        patch_dataset(str(labelled_store), (8, 16, 16), version=config.version(), class_balanced=True,
+        patch_dataset(str(labelled_store), (8, 16, 16), version=version, class_balanced=True,
                       class_from_label=(2, 5, "tumour"))
 
 

@@ -11,30 +11,28 @@ import pytest
 import torch
 import zarr
 
+from tests.conftest import TINY_TRAIN
 from models.run import TrainRun, train_model
 from models.train import TrainConfig
 from voxelflow import catalog, registry, store as st
 from voxelflow.export import export_label
 from models.infer import InferConfig, _components, run_local
-from voxelflow.preprocess import PreprocessConfig, resolve
-from voxelflow.preprocess import run_local as preprocess
 
-TINY = dict(patch_size=(16, 32, 32), epochs=2, steps_per_epoch=4, val_steps=2, batch_size=2, channels=(8, 16, 32))
+TINY = TINY_TRAIN | {"steps_per_epoch": 4}
 
 
 @pytest.fixture(scope="module")
-def trained(labelled_store):
-    pre = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
-    preprocess(pre)
+def trained(preprocessed_store):
+    store, version = preprocessed_store
     detect = dict(positive_class="lesion", positive_label=2)  # patch targets from the lesion label
     for task in ("segmentation", "classification"):
-        train_model(TrainRun(store=str(labelled_store), version=pre.version(), name=f"infer-{task}",
+        train_model(TrainRun(store=store, version=version, name=f"infer-{task}",
                              train=TrainConfig(task=task, **TINY, **(detect if task == "classification" else {}))))
     # a 2-D slice classifier: patches one slice deep, a stride-2 stem
-    train_model(TrainRun(store=str(labelled_store), version=pre.version(), name="infer-planar",
+    train_model(TrainRun(store=store, version=version, name="infer-planar",
                          train=TrainConfig(task="classification", **(TINY | dict(patch_size=(1, 32, 32), batch_size=8)),
                                            stem_stride=2, **detect)))
-    return str(labelled_store)
+    return store
 
 
 def test_segmentation_predictions_land_on_the_original_grid_with_provenance(trained, tmp_path):

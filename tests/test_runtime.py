@@ -4,12 +4,10 @@ reuse it, and `voxelflow server stop` stops it."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 
-from tests.conftest import NIBABEL_DATA
+from tests.conftest import NIBABEL_DATA, run_cli
 from flows import runtime
 
 
@@ -20,8 +18,7 @@ def test_cli_without_a_configured_server_starts_and_reuses_one(tmp_path):
     env |= {"VOXELFLOW_HOME": str(home), "PREFECT_HOME": str(tmp_path / "prefect-profile")}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "flows.cli", *map(str, args)], env=env,
-                              capture_output=True, text=True, timeout=400)
+        return run_cli(*args, env=env, inherit=False, timeout=400)
 
     try:
         first = cli("ingest", NIBABEL_DATA / "anatomical.nii", "--store", tmp_path / "s1", "--workers", "1")

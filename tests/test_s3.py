@@ -12,11 +12,11 @@ import time
 
 import pytest
 
+from tests.conftest import TINY_TRAIN
 from voxelflow import catalog, registry
 
 BUCKET = "voxelflow-test"
-TINY = {"patch_size": [16, 32, 32], "epochs": 2, "steps_per_epoch": 3, "val_steps": 2, "batch_size": 2,
-        "channels": [8, 16, 32]}
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")

@@ -13,16 +13,13 @@ import torch
 from models.train import TrainConfig, fit
 from voxelflow import registry
 from voxelflow.data import patch_dataset
-from voxelflow.preprocess import PreprocessConfig, resolve, run_local
 
 SMALL = dict(patch_size=(16, 32, 32), epochs=4, steps_per_epoch=6, val_steps=3, batch_size=2, channels=(8, 16, 32))
 
 
 @pytest.fixture(scope="module")
-def data(labelled_store):
-    config = resolve(PreprocessConfig(store=str(labelled_store), spacing=(2.0, 2.0, 3.0)))
-    run_local(config)
-    return str(labelled_store), config.version()
+def data(preprocessed_store):
+    return preprocessed_store
 
 
 def _datasets(store, version, task, seed=0):

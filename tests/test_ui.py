@@ -13,12 +13,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_TRAIN
+
 pytestmark = pytest.mark.slow
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-TINY = dict(patch_size=(16, 32, 32), epochs=2, steps_per_epoch=3, val_steps=2, batch_size=2, channels=(8, 16, 32))
+TINY = TINY_TRAIN
 
 
 @pytest.fixture(scope="module")
