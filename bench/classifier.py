@@ -95,9 +95,9 @@ def train(args) -> None:
         epochs = max(1, min(args.epochs, int((args.budget_s - args.test_s) / epoch_s)))
         print(json.dumps({"loader_s_per_batch": round(per_batch, 4), "estimated_epoch_s": round(epoch_s, 1),
                           "epochs": epochs}), flush=True)
-        config = config.model_copy(update={"epochs": epochs})
+        config = config.replace(epochs=epochs)
         run = run.model_copy(update={"train": config})
-    print(json.dumps({"config": config.model_dump(mode="json"), "augment": args.augment, "device": str(device),
+    print(json.dumps({"config": config.flat(), "augment": args.augment, "device": str(device),
                       "gpu": torch.cuda.get_device_name(0) if device.type == "cuda" else None}), flush=True)
     t0 = time.perf_counter()
 
@@ -130,10 +130,10 @@ def _loader_seconds_per_batch(run, batches: int = 24) -> float:
     from voxelflow.data import make_loader
 
     train_ds, _ = _datasets(run)
-    warm = max(2, run.train.num_workers)
-    train_ds.samples_per_epoch = (warm + batches) * run.train.batch_size
+    warm = max(2, run.train.sampling.num_workers)
+    train_ds.samples_per_epoch = (warm + batches) * run.train.sampling.batch_size
     train_ds.set_epoch(10_000)  # patches no epoch of the run uses
-    it = iter(make_loader(train_ds, batch_size=run.train.batch_size, num_workers=run.train.num_workers))
+    it = iter(make_loader(train_ds, batch_size=run.train.sampling.batch_size, num_workers=run.train.sampling.num_workers))
     for _ in range(warm):  # worker start-up and their first batches
         next(it)
     t0 = time.perf_counter()

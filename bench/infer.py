@@ -61,15 +61,15 @@ def main():
 
     config = InferConfig(store=store, name="bench-seg", version=summary["version"])
     info = infer.model_info(config)
-    seq_model, train, n_out = infer.load_model(config, info, device)
-    infer.infer_volume(config, info, seq_model, train, n_out, vids[0], device)
+    predictor = infer.load_predictor(config, info, device)
+    infer.infer_volume(predictor, vids[0])
     t0 = time.perf_counter()
     out = run_local(InferConfig(store=store, name="bench-seg", version=summary["version"]))
     t_vf = time.perf_counter() - t0
     assert out["predicted"] == len(vids)
     # 1b. the same stages, forced through the reader / model / writer pipeline (the default on CUDA)
     t0 = time.perf_counter()
-    infer.infer_volumes(config, info, seq_model, train, n_out, vids, device, pipeline=True)
+    infer.infer_volumes(predictor, vids, pipeline=True)
     t_pipe = time.perf_counter() - t0
     # 1c. where a volume's time goes: the stages one after the other, timed apart
     from models.networks import tuned_kernels
@@ -79,25 +79,21 @@ def main():
     with tuned_kernels(device):
         for v in vids:
             t0 = time.perf_counter()
-            pre, image, target = infer._read(config, info, train, v)
+            loaded = predictor.read(v)
             t1 = time.perf_counter()
-            out, qc = infer._compute(config, info, seq_model, train, v, image, target, device)
+            computed = predictor.compute(v, loaded)
             sync()
             t2 = time.perf_counter()
-            infer._finish(config, info, train, n_out, v, pre, out, qc, target)
+            predictor.finish(v, loaded, computed)
             t3 = time.perf_counter()
             stages["read"] += t1 - t0
             stages["model"] += t2 - t1
             stages["post-process and write"] += t3 - t2
-    sw = infer._sw_batch(config, device)  # windows per model call, as voxelflow runs
+    sw = predictor.window_batch()  # windows per model call, as voxelflow runs
     # 2. pure forward: the same windows over tensors in memory
     from monai.inferers import sliding_window_inference
 
-    from models.networks import build
-
-    weights = torch.load(Path(summary["folder"]) / "weights.pt", map_location=device, weights_only=True)["model"]
-    model = build("segmentation", out_channels=3).to(device).eval()
-    model.load_state_dict(weights)
+    model = predictor.model  # the registered network, in eval mode
     tensors = [torch.from_numpy(np.ascontiguousarray(open_volume(root, v).array[...], dtype=np.float32))[None, None]
                .to(device) for v in vids]
     from models.networks import autocast

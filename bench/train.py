@@ -31,7 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from models.networks import autocast, build, grad_scaler, tuned_kernels  # noqa: E402
+from models.networks import autocast, grad_scaler, tuned_kernels  # noqa: E402
+from models.tasks import build_networks  # noqa: E402
 from models.train import TrainConfig  # noqa: E402
 from voxelflow import catalog  # noqa: E402
 from voxelflow.data import make_loader, patch_dataset  # noqa: E402
@@ -127,7 +128,7 @@ def run(loader, steps: int, device, amp: bool, monai: bool) -> dict:
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
-    model = build("segmentation", out_channels=3).to(device)
+    model = build_networks(TrainConfig(), 3)["model"].to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     scaler = grad_scaler(device, amp)  # as models.train: a loss scaler for fp16 only
@@ -182,7 +183,7 @@ def _model_only(steps: int, device, amp: bool, patch, batch: int, channels_last:
     from monai.losses import DiceCELoss
 
     torch.manual_seed(0)
-    model = build("segmentation", out_channels=3).to(device)
+    model = build_networks(TrainConfig(), 3)["model"].to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     scaler = grad_scaler(device, amp)
@@ -235,7 +236,7 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     results = []
-    tuning = tuned_kernels(device, TrainConfig().cudnn_benchmark)  # as models.train.fit runs by default
+    tuning = tuned_kernels(device, TrainConfig().optimisation.cudnn_benchmark)  # as models.train.fit runs by default
     tuning.__enter__()
     for amp in ([False, True] if cuda else [False]):
         for workers in ((0, 2, 8) if cuda else (0, 2)):

@@ -172,14 +172,15 @@ def cmd_augment(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.run import TrainRun
-    from models.train import TrainConfig
+    from models.config import TrainConfig, undot
 
     settings: dict = {"task": args.task}
     if args.config:
         settings |= json.loads(Path(args.config).read_text())
-    settings |= _key_values(args.set, TrainConfig)
+    settings |= undot(_key_values(args.set, "TrainConfig", TrainConfig.field_names()))
     default = TrainRun.model_fields["augmentation"].default  # the training default (spatial only)
-    augmentation = type(default)(**default.model_dump() | _key_values(args.augment, type(default)))
+    augmentation = type(default)(**default.model_dump() | _key_values(args.augment, "AugmentConfig",
+                                                                      set(type(default).model_fields)))
     run = TrainRun(store=args.store, version=args.version, name=args.name, train=TrainConfig(**settings),
                    augment=not args.no_augment, augmentation=augmentation)
     api = _prefect_api()
@@ -193,15 +194,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_values(items: list[str] | None, model) -> dict:
-    """``KEY=VALUE`` options for the fields of pydantic ``model`` as a dict; values are JSON
+def _key_values(items: list[str] | None, what: str, known: set[str]) -> dict:
+    """``KEY=VALUE`` options for the settings ``known`` of ``what`` as a dict; values are JSON
     (numbers, lists, true/false/null) or else bare strings (``positive_class=no_lesion``)."""
     out: dict = {}
     for item in items or []:
         key, _, value = item.partition("=")
-        if key not in model.model_fields:
-            raise ConfigurationError(f"unknown {model.__name__} field {key!r} in {item!r}; "
-                                     f"known: {', '.join(sorted(model.model_fields))}")
+        if key not in known:
+            raise ConfigurationError(f"unknown {what} setting {key!r} in {item!r}; "
+                                     f"known: {', '.join(sorted(k for k in known if '.' not in k))}")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -354,7 +355,7 @@ def deployments(config, cron: str, timezone: str) -> list:
                                   parameters={"config": config.ingest_config().model_dump(mode="json")}),
     ]
     for spec in config.models:
-        if spec.task in ("segmentation", "classification"):
+        if spec.predicts():
             out.append(infer_flow.to_deployment(
                 name=f"voxelflow-infer-{spec.name}", tags=["voxelflow"],
                 parameters={"config": config.infer_config(spec).model_dump(mode="json")}))
@@ -506,7 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model on a preprocessed copy; register and promote it")
     p.add_argument("store")
     p.add_argument("--version", required=True, help="the preprocessed copy")
-    p.add_argument("--task", choices=["segmentation", "classification", "autoencoder", "gan"], default="segmentation")
+    p.add_argument("--task", default="segmentation", help="segmentation, classification, autoencoder or gan (models.tasks)")
     p.add_argument("--config", help="JSON file of TrainConfig fields")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (JSON value)")
     p.add_argument("--name", help="registry name (default: the task)")

@@ -140,7 +140,7 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
                                                          f"test {_brief(out['test'])}")
             if config.infer:
                 for spec in config.models:
-                    if spec.task not in ("segmentation", "classification"):
+                    if not spec.predicts():
                         continue
                     out = _stage(f"infer {spec.name}", infer_flow.with_options(task_runner=runner),
                                  config.infer_config(spec), gpu=gpu)
@@ -169,7 +169,7 @@ def infer_from_config(config_file: str, dask_address: str | None = None) -> dict
     out = {}
     with _cluster(dask_address, None) as address:
         for spec in config.models:
-            if spec.task in ("segmentation", "classification"):
+            if spec.predicts():
                 out[spec.name] = infer_flow.with_options(task_runner=dask_task_runner(address))(
                     config.infer_config(spec), gpu=gpu)
     return out

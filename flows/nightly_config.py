@@ -29,6 +29,12 @@ class ModelSpec(BaseModel):
     task: str = "segmentation"
     settings: dict[str, Any] = Field(default_factory=dict)
 
+    def predicts(self) -> bool:
+        """Whether this model's task predicts stored volumes (bulk inference runs for it)."""
+        from models.tasks import task_class  # torch and MONAI: only when a model is looked at
+
+        return task_class(self.task).predicts
+
 
 class NightlyConfig(BaseModel):
     model_config = ConfigDict(frozen=True)
@@ -74,11 +80,11 @@ class NightlyConfig(BaseModel):
         return PreprocessConfig(store=self.store, **settings)
 
     def train_run(self, spec: ModelSpec, version: str):
+        from models.config import TrainConfig, undot
         from models.run import TrainRun
-        from models.train import TrainConfig
 
         return TrainRun(store=self.store, version=version, name=spec.name,
-                        train=TrainConfig(**({"task": spec.task} | spec.settings)))
+                        train=TrainConfig(**({"task": spec.task} | undot(spec.settings))))
 
     def infer_config(self, spec: ModelSpec):
         from models.infer import InferConfig

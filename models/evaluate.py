@@ -1,10 +1,10 @@
-"""Final evaluation on the test split, per task.
+"""Evaluation of networks over patches and whole stored volumes, scored with ``models.metrics``:
 
-* segmentation: sliding-window prediction (MONAI) over each whole test volume; Dice and 95 %
+* segmentation: sliding-window prediction (MONAI) over each whole volume; Dice and 95 %
   Hausdorff distance (mm) per class against the stored label;
-* classification: test patches; accuracy, precision, recall, F1, ROC-AUC, confusion matrix;
-* autoencoder: PSNR and SSIM of reconstructions of test patches;
-* GAN: intensity statistics of generated against real patches, and a sample grid image.
+* classification: class probabilities of patches, or of whole volumes from their sliding
+  windows (as inference computes them), and the operating threshold tuned on validation;
+(autoencoders and GANs are scored on patches by their tasks, ``models.tasks``).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models import metrics
 from models.networks import autocast
 from voxelflow.data import map_labels
 from voxelflow.store import open_label, open_volume
@@ -38,41 +39,45 @@ def keep_largest(pred: np.ndarray | torch.Tensor, classes) -> np.ndarray | torch
     return torch.from_numpy(arr) if is_tensor else arr
 
 
+def sliding_logits(model, image: torch.Tensor, patch_size, device: torch.device, sw_batch_size: int = 2,
+                   overlap: float = 0.25, predictor=None) -> torch.Tensor:
+    """Logits of a whole ``(1, C, z, y, x)`` volume from Gaussian-weighted sliding windows
+    (MONAI), under autocast on CUDA."""
+    from monai.inferers import sliding_window_inference
+
+    with autocast(device, True):
+        return sliding_window_inference(image.to(device, non_blocking=True), roi_size=tuple(int(p) for p in patch_size),
+                                        sw_batch_size=sw_batch_size, predictor=predictor or model, overlap=overlap,
+                                        mode="gaussian")
+
+
 @torch.no_grad()
 def segmentation(model, store_root: str, volume_ids: list[str], patch_size, num_classes: int,
                  device: torch.device, label_name: str = "segmentation", largest: tuple[int, ...] = (),
                  hausdorff: bool = True, label_map: dict[int, int] | None = None) -> dict[str, Any]:
-    from monai.inferers import sliding_window_inference
-    from monai.metrics import compute_hausdorff_distance
-
-
+    """``dice_<k>`` and ``hd95_mm_<k>`` of each foreground class averaged over the volumes
+    whose truth holds it, ``dice`` (their mean) and ``volumes``."""
     model.eval()
     per_class: dict[int, dict[str, list[float]]] = {k: {"dice": [], "hd95": []} for k in range(1, num_classes)}
     for vid in volume_ids:
         vol = open_volume(store_root, vid)
-        image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None].to(device)
+        image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None]
         truth = torch.from_numpy(map_labels(open_label(store_root, vid, label_name)[...], label_map))
-        with autocast(device, True):
-            logits = sliding_window_inference(image, roi_size=tuple(patch_size), sw_batch_size=2,
-                                              predictor=model, overlap=0.25, mode="gaussian")
-        pred = keep_largest(logits.float().argmax(1)[0].cpu(), largest)
+        pred = keep_largest(sliding_logits(model, image, patch_size, device).float().argmax(1)[0].cpu(), largest)
+        dice = metrics.dice_per_class(pred, truth, num_classes)[0]
         spacing = [float(s) for s in np.sqrt((vol.affine[:3, :3] ** 2).sum(0))[::-1]]  # (z, y, x)
         for k in per_class:
-            p, t = pred == k, truth == k
-            if t.sum() == 0:
+            if math.isnan(float(dice[k - 1])):  # the truth lacks the class
                 continue
-            inter = float((p & t).sum())
-            per_class[k]["dice"].append(2 * inter / float(p.sum() + t.sum()))
+            per_class[k]["dice"].append(float(dice[k - 1]))
+            p, t = pred == k, truth == k
             if hausdorff and p.any():
-                hd = compute_hausdorff_distance(p[None, None].float(), t[None, None].float(), percentile=95,
-                                                spacing=spacing)
-                per_class[k]["hd95"].append(float(hd))
+                per_class[k]["hd95"].append(metrics.hd95(p, t, spacing))
     out = {}
     for k, m in per_class.items():
         out[f"dice_{k}"] = float(np.mean(m["dice"])) if m["dice"] else math.nan
         out[f"hd95_mm_{k}"] = float(np.mean(m["hd95"])) if m["hd95"] else math.nan
-    dices = [v for k, v in out.items() if k.startswith("dice_") and not math.isnan(v)]
-    out["dice"] = float(np.mean(dices)) if dices else math.nan
+    out["dice"] = metrics.mean_dice(out)
     out["volumes"] = len(volume_ids)
     return out
 
@@ -89,7 +94,7 @@ def classification(model, batches: list[dict], num_classes: int, device: torch.d
             with autocast(device, True):
                 probs.append(torch.softmax(model(b["image"][keep].to(device)).float(), 1).cpu())
             ys.append(b["class"][keep])
-    out = classification_metrics(torch.cat(ys), torch.cat(probs), num_classes, positive)
+    out = metrics.classification(torch.cat(ys), torch.cat(probs), num_classes, positive)
     out["samples"] = out.pop("n")
     return out
 
@@ -155,21 +160,11 @@ def classification_volumes(model, store_root: str, volume_ids: list[str], truths
     """Metrics over whole volumes (see :func:`volume_scores`); ``threshold``: the operating
     point on the positive class's probability (default: the most probable class)."""
     probs = volume_scores(model, store_root, volume_ids, patch_size, device, positive)
-    out = classification_metrics(torch.tensor(truths), torch.from_numpy(probs).float(), num_classes,
+    out = metrics.classification(torch.tensor(truths), torch.from_numpy(probs).float(), num_classes,
                                  positive or 0, threshold=threshold)
     out["volumes"] = out.pop("n")
     out["_scores"] = probs
     return out
-
-
-def decide(probs: np.ndarray | torch.Tensor, positive: int | None, threshold: float | None):
-    """Predicted class per row of ``probs``: the positive class when its probability reaches
-    ``threshold`` (binary detection with a tuned operating point), else the most probable."""
-    p = torch.as_tensor(probs)
-    pred = p.argmax(-1)
-    if positive is None or threshold is None:
-        return pred
-    return torch.where(p[..., positive] >= threshold, positive, 1 - positive)
 
 
 def operating_threshold(scores: np.ndarray, truths: np.ndarray) -> float | None:
@@ -192,62 +187,3 @@ def operating_threshold(scores: np.ndarray, truths: np.ndarray) -> float | None:
         if best_key is None or key > best_key:
             best, best_key = float(t), key
     return best
-
-
-def classification_metrics(y: torch.Tensor, p: torch.Tensor, num_classes: int, positive: int = 0,
-                           threshold: float | None = None) -> dict[str, Any]:
-    """Accuracy, precision / recall / F1 of class ``positive``, ROC-AUC, confusion matrix;
-    predictions by :func:`decide` (``threshold`` applies to binary problems only)."""
-    from monai.metrics import compute_roc_auc
-
-    pred = decide(p, positive if num_classes == 2 else None, threshold)
-    confusion = [[int(((y == t) & (pred == q)).sum()) for q in range(num_classes)] for t in range(num_classes)]
-    tp = confusion[positive][positive]
-    fp = sum(confusion[t][positive] for t in range(num_classes)) - tp
-    fn = sum(confusion[positive]) - tp
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    onehot = torch.nn.functional.one_hot(y, num_classes).float()
-    auc = float(compute_roc_auc(p[:, positive], onehot[:, positive])) if 0 < int(onehot[:, positive].sum()) < len(y) \
-        else math.nan
-    return {"accuracy": float((pred == y).float().mean()), "precision": precision, "recall": recall, "f1": f1,
-            "roc_auc": auc, "confusion": confusion, "n": int(len(y))}
-
-
-@torch.no_grad()
-def autoencoder(model, batches: list[dict], device: torch.device) -> dict[str, Any]:
-    from monai.metrics import PSNRMetric, SSIMMetric
-
-    model.eval()
-    psnr, ssim = [], []
-    for b in batches:
-        x = b["image"].to(device)
-        with autocast(device, True):
-            r = model(x).float()
-        rng = float(x.max() - x.min()) or 1.0
-        psnr.append(float(PSNRMetric(max_val=rng)(r, x).mean()))
-        ssim.append(float(SSIMMetric(spatial_dims=3, data_range=rng, win_size=5)(r, x).mean()))
-    return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "samples": len(batches)}
-
-
-@torch.no_grad()
-def gan(generator, batches: list[dict], latent_size: int, device: torch.device, seed: int = 0) -> dict[str, Any]:
-    generator.eval()
-    real = torch.cat([b["image"] for b in batches])
-    z = torch.randn(real.shape[0], latent_size, generator=torch.Generator().manual_seed(seed)).to(device)
-    with autocast(device, True):
-        fake = generator(z).float().cpu()
-    return {"real_mean": float(real.mean()), "real_std": float(real.std()), "fake_mean": float(fake.mean()),
-            "fake_std": float(fake.std()), "samples": int(real.shape[0]), "_fake": fake}
-
-
-def sample_grid(volumes: torch.Tensor, columns: int = 4) -> np.ndarray:
-    """Middle slices of ``(N, 1, z, y, x)`` volumes tiled into a uint8 image."""
-    slices = [v[0, v.shape[1] // 2].numpy() for v in volumes[: columns * 2]]
-    lo, hi = min(float(s.min()) for s in slices), max(float(s.max()) for s in slices)
-    tiles = [np.clip((s - lo) / ((hi - lo) or 1.0), 0, 1) for s in slices]
-    while len(tiles) % columns:
-        tiles.append(np.zeros_like(tiles[0]))
-    rows = [np.concatenate(tiles[i:i + columns], axis=1) for i in range(0, len(tiles), columns)]
-    return (np.concatenate(rows, axis=0) * 255).astype(np.uint8)

@@ -3,6 +3,7 @@ PyTorch model on the same input before it is kept."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -10,19 +11,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from models.networks import from_config
-from models.train import TrainConfig
+from models.config import TrainConfig
+from models.tasks import task_for
 
 
 class ParityError(RuntimeError):
     """An exported model does not reproduce the PyTorch model's outputs."""
-
-
-def _sample(task: str, patch_size, latent_size: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(0)
-    if task == "gan":
-        return torch.randn(2, latent_size, generator=gen)
-    return torch.randn(2, 1, *patch_size, generator=gen)
 
 
 def export_model(folder: str | os.PathLike, formats=("torchscript", "onnx"), atol: float = 1e-4) -> dict[str, Any]:
@@ -33,23 +27,14 @@ def export_model(folder: str | os.PathLike, formats=("torchscript", "onnx"), ato
     Raises:
         ParityError: an export differs from the PyTorch model by more than ``atol``.
     """
-    import json
-
-
     folder = Path(folder)
     info = json.loads((folder / "model.json").read_text())
     c = TrainConfig(**info["config"]["train"])
     weights = torch.load(folder / "weights.pt", map_location="cpu", weights_only=True)
-    if c.task == "gan":
-        model, _ = from_config(c)
-        model.load_state_dict(weights["generator"])
-    else:
-        state = weights["model"]
-        out = int([v for k, v in state.items() if k.endswith("weight")][-1].shape[0])
-        model = from_config(c, out)
-        model.load_state_dict(state)
-    model.eval()
-    x = _sample(c.task, c.patch_size, c.latent_size)
+    outputs = [v for k, v in weights.get("model", {}).items() if k.endswith("weight")]
+    task = task_for(c, int(outputs[-1].shape[0]) if outputs else 2)
+    model = task.deployed(weights).eval()
+    x = task.example_input()
     with torch.no_grad():
         want = model(x).numpy()
     results: dict[str, Any] = {}

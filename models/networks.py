@@ -1,16 +1,6 @@
-"""The networks voxelflow trains, built from MONAI's implementations.
-
-``build(task, ...)`` returns the model (or, for a GAN, generator and discriminator):
-
-* ``segmentation``: a 3-D residual U-Net (``monai.networks.nets.UNet``);
-* ``classification``: a ResNet-10 classifier, 2-D or 3-D (``monai.networks.nets.resnet10``);
-  :func:`from_config` makes it 2-D when the patch is one voxel deep (``(1, y, x)``) and wraps it
-  in :class:`Planar`, so the 3-D pipeline (patch datasets, sliding windows, inference, export)
-  feeds it slices;
-* ``autoencoder``: a convolutional autoencoder (``monai.networks.nets.AutoEncoder``) for
-  denoising / reconstruction;
-* ``gan``: a generator (``monai.networks.nets.Generator``, from a latent vector) and a patch
-  discriminator (``monai.networks.nets.PatchDiscriminator``).
+"""What every network voxelflow trains shares: the 2-D-on-3-D wrapper (``Planar``), mixed
+precision (``autocast``, ``grad_scaler``) and cuDNN autotuning (``tuned_kernels``). Each task's
+networks are built by the task (``models.tasks``), from MONAI's implementations.
 """
 
 from __future__ import annotations
@@ -18,70 +8,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import nn
-
-from voxelflow.errors import SettingError
-
-TASKS = ("segmentation", "classification", "autoencoder", "gan")
-
-
-def build(task: str, *, in_channels: int = 1, out_channels: int = 2, spatial_dims: int = 3,
-          channels: Sequence[int] = (16, 32, 64, 128), dropout: float = 0.1,
-          patch_size: Sequence[int] = (32, 64, 64), latent_size: int = 64,
-          pooling: str = "avg", norm: str = "batch", stem_stride: int = 1) -> nn.Module | tuple[nn.Module, nn.Module]:
-    """Build the network of ``task``.
-
-    Args:
-        out_channels: segmentation classes (background included) or classifier classes.
-        channels: feature maps per resolution level (the model's size).
-        patch_size: the input size (a GAN's generator produces this shape).
-        pooling: a classifier's global pooling, ``avg`` or ``max``. Max pooling suits detection
-            (is a small finding anywhere in the patch?): an average over the patch dilutes a
-            lesion of a hundred voxels among fifty thousand.
-        norm: a classifier's normalisation layers, ``batch`` or ``instance``.
-        stem_stride: a classifier's first convolution's stride. 2 halves every axis before the
-            residual blocks: 8x fewer voxels in 3-D, about 10x the samples/s on a CPU
-            (24x48x48 patches, 2 cores: 14 -> 128), and a lesion 4 voxels across is still
-            2 voxels across where the first block sees it.
-    """
-    from monai.networks.nets import AutoEncoder, Generator, PatchDiscriminator, UNet, resnet10
-
-    channels = tuple(int(c) for c in channels)
-    strides = (2,) * (len(channels) - 1)
-    if task == "segmentation":
-        return UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
-                    channels=channels, strides=strides, num_res_units=2, norm="INSTANCE", dropout=dropout)
-    if task == "classification":
-        # a quarter of ResNet-10's width: 0.9 M parameters, enough for CT volumes and fast on CPU;
-        # a 3-voxel stem without max-pool, and without stride unless ``stem_stride`` asks for
-        # one: MONAI's 7-voxel stride-2 stem and pool blur away lesions a few voxels across
-        # before the first residual block sees them.
-        net = resnet10(spatial_dims=spatial_dims, n_input_channels=in_channels, num_classes=out_channels,
-                       feed_forward=True, widen_factor=0.25, conv1_t_size=3, conv1_t_stride=int(stem_stride), no_max_pool=True,
-                       norm=("instance", {"affine": True}) if norm == "instance" else norm)
-        if pooling == "max":
-            net.avgpool = (nn.AdaptiveMaxPool3d if spatial_dims == 3 else nn.AdaptiveMaxPool2d)(1)
-        elif pooling != "avg":
-            raise SettingError(f"pooling must be 'avg' or 'max', not {pooling!r}")
-        return net
-    if task == "autoencoder":
-        return AutoEncoder(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=in_channels,
-                           channels=channels[:-1], strides=strides, num_res_units=1, dropout=dropout)
-    if task == "gan":
-        levels = len(channels) - 1
-        start = [int(s) // 2 ** levels for s in patch_size]
-        if any(s < 1 or s * 2 ** levels != int(p) for s, p in zip(start, patch_size)):
-            raise SettingError(f"GAN patch size {tuple(patch_size)} must be divisible by {2 ** levels}")
-        generator = Generator(latent_shape=(latent_size,), start_shape=(channels[-1], *start),
-                              channels=tuple(reversed(channels[1:-1])) + (in_channels,), strides=(2,) * levels)
-        # as many downsampling layers as the smallest patch axis allows (kernel 4 needs >= 4 voxels)
-        layers = max(1, min(3, int(np.log2(min(int(p) for p in patch_size))) - 2))
-        discriminator = PatchDiscriminator(spatial_dims=spatial_dims, channels=channels[0], in_channels=in_channels,
-                                           num_layers_d=layers, norm="INSTANCE", dropout=dropout)
-        return generator, discriminator
-    raise SettingError(f"unknown task {task!r}; expected one of {TASKS}")
 
 
 class Planar(nn.Module):
@@ -102,17 +30,6 @@ class Planar(nn.Module):
 def is_planar(patch_size: Sequence[int]) -> bool:
     """A patch one voxel deep: the classifier is 2-D."""
     return int(patch_size[0]) == 1
-
-
-def from_config(config, out_channels: int = 2) -> nn.Module | tuple[nn.Module, nn.Module]:
-    """The network a :class:`models.train.TrainConfig` describes; a classifier on patches one
-    voxel deep is a 2-D network wrapped in :class:`Planar`."""
-    planar = config.task == "classification" and is_planar(config.patch_size)
-    net = build(config.task, out_channels=out_channels, channels=config.channels, dropout=config.dropout,
-                patch_size=config.patch_size, latent_size=config.latent_size, spatial_dims=2 if planar else 3,
-                pooling=getattr(config, "pooling", "avg"), norm=getattr(config, "norm", "batch"),
-                stem_stride=getattr(config, "stem_stride", 1))
-    return Planar(net) if planar else net
 
 
 def count_parameters(model: nn.Module) -> int:

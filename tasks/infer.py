@@ -13,7 +13,6 @@ from models import infer
 @task(name="infer-volumes", cache_policy=NO_CACHE, **RETRY)
 def infer_volumes(config: infer.InferConfig, info: dict, volume_ids: list[str]) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, train, n = infer.load_model(config, info, device)
-    rows, lesions = infer.infer_volumes(config, info, model, train, n, volume_ids, device)
+    rows, lesions = infer.infer_volumes(infer.load_predictor(config, info, device), volume_ids)
     get_run_logger().info("predicted %d volumes on %s (%d lesions)", len(rows), device, len(lesions))
     return {"rows": rows, "lesions": lesions}

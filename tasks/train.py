@@ -27,7 +27,7 @@ def train(run: TrainRun) -> dict:
     progress = create_progress_artifact(progress=0.0, description=f"training {run.name or run.train.task}")
 
     def on_epoch(row: dict) -> None:
-        update_progress_artifact(progress, 100.0 * row["epoch"] / run.train.epochs)
+        update_progress_artifact(progress, 100.0 * row["epoch"] / run.train.optimisation.epochs)
         log.info("epoch %d: loss %.4f, validation %.4f, %.1f samples/s, data wait %.0f%%", row["epoch"],
                  row["train_loss"], row["monitor"], row["samples_per_s"], 100 * row["data_wait_share"])
 

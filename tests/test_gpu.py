@@ -20,8 +20,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from models.networks import autocast, from_config  # noqa: E402
+from models.networks import autocast  # noqa: E402
 from models.run import TrainRun, train_model  # noqa: E402
+from models.tasks import build_networks  # noqa: E402
 from models.train import TrainConfig, fit  # noqa: E402
 from tests.test_train import SMALL, _datasets, data  # noqa: E402,F401 - data: the module's fixture
 from voxelflow.data import patch_dataset  # noqa: E402
@@ -79,9 +80,9 @@ def test_training_on_the_gpu_with_mixed_precision(data, tmp_path, task):
 
     best = torch.load(tmp_path / task / "best.pt", map_location="cpu", weights_only=True)
     assert all(t.device.type == "cpu" and torch.isfinite(t.float()).all() for t in best["model"].values())
-    on_cpu = from_config(config, _fit_kwargs(task)["num_classes"])
+    on_cpu = build_networks(config, _fit_kwargs(task)["num_classes"])["model"]
     on_cpu.load_state_dict(best["model"])
-    on_gpu = from_config(config, _fit_kwargs(task)["num_classes"]).to(GPU)
+    on_gpu = build_networks(config, _fit_kwargs(task)["num_classes"])["model"].to(GPU)
     on_gpu.load_state_dict(best["model"])
     on_cpu.eval(), on_gpu.eval()
     with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
@@ -187,15 +188,18 @@ def test_gpu_inference_agrees_with_the_cpu(trained, task):
     store, _ = trained
     config = InferConfig(store=store, name=f"gpu-{task}", explain="none")
     info = infer.model_info(config)
-    cpu_model, train, n = infer.load_model(config, info, CPU)
-    gpu_model, _, _ = infer.load_model(config, info, GPU)
-    assert next(gpu_model.parameters()).device.type == GPU.type
+    on_cpu, on_gpu = infer.load_predictor(config, info, CPU), infer.load_predictor(config, info, GPU)
+    assert next(on_gpu.model.parameters()).device.type == GPU.type
     todo, done = infer.plan(config, info)
     volumes = sorted(todo + done)[:3]
+
+    def probabilities(predictor, image):
+        p = predictor.probabilities(image)
+        return p.cpu().numpy() if isinstance(p, torch.Tensor) else p
+
     for vid in volumes:
-        _, image = infer._load(config, info, vid)
-        p_cpu = infer._predict(config, info, cpu_model, train, image, CPU)
-        p_gpu = infer._predict(config, info, gpu_model, train, image, GPU)
+        _, image = on_cpu.load_image(vid)
+        p_cpu, p_gpu = probabilities(on_cpu, image), probabilities(on_gpu, image)
         assert p_gpu.shape == p_cpu.shape and np.isfinite(p_gpu).all()
         if task == "segmentation":
             assert (p_gpu.argmax(0) == p_cpu.argmax(0)).mean() > 0.99
@@ -215,14 +219,13 @@ def test_bulk_inference_on_the_gpu_pipeline_equals_one_volume_at_a_time(trained)
     for name in ("gpu-segmentation", "gpu-classification"):
         config = InferConfig(store=store, name=name, explain="none")
         info = infer.model_info(config)
-        model, train, n = infer.load_model(config, info, GPU)
+        predictor = infer.load_predictor(config, info, GPU)
         todo, done = infer.plan(config, info)
         volumes = sorted(todo + done)[:3]
         # on CUDA the default (None) is the pipeline; the dry run asks for it
-        rows, lesions = infer.infer_volumes(config, info, model, train, n, volumes, GPU,
-                                            pipeline=True if DRY_RUN else None)
+        rows, lesions = infer.infer_volumes(predictor, volumes, pipeline=True if DRY_RUN else None)
         for i, vid in enumerate(volumes):
-            row, les = infer.infer_volume(config, info, model, train, n, vid, GPU)
+            row, les = infer.infer_volume(predictor, vid)
             assert rows[i]["volume_id"] == vid and rows[i]["prediction"] == row["prediction"]
             np.testing.assert_allclose(rows[i]["probabilities"], row["probabilities"], rtol=1e-5, atol=1e-6)
             assert len([x for x in lesions if x["volume_id"] == vid]) == len(les)
@@ -236,13 +239,13 @@ def test_gradcam_on_the_gpu_matches_the_cpu(trained):
     store, _ = trained
     config = InferConfig(store=store, name="gpu-classification")
     info = infer.model_info(config)
-    cpu_model, train, _ = infer.load_model(config, info, CPU)
-    gpu_model, _, _ = infer.load_model(config, info, GPU)
+    on_cpu, on_gpu = infer.load_predictor(config, info, CPU), infer.load_predictor(config, info, GPU)
     vid = sorted(sum(infer.plan(config, info), []))[0]
-    _, image = infer._load(config, info, vid)
+    _, image = on_cpu.load_image(vid)
+    patch = on_cpu.train.sampling.patch_size
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
-        a = gradcam_volume(cpu_model, image, train.patch_size, 0)
-        b = gradcam_volume(gpu_model, image.to(GPU), train.patch_size, 0)
+        a = gradcam_volume(on_cpu.model, image, patch, 0)
+        b = gradcam_volume(on_gpu.model, image.to(GPU), patch, 0)
     assert a.shape == b.shape == tuple(image.shape[-3:])
     assert np.abs(a - b).max() < 1e-2 or np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.999
 

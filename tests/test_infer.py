@@ -16,7 +16,7 @@ from models.run import TrainRun, train_model
 from models.train import TrainConfig
 from voxelflow import catalog, registry, store as st
 from voxelflow.export import export_label
-from models.infer import InferConfig, _components, run_local
+from models.infer import InferConfig, run_local
 
 TINY = TINY_TRAIN | {"steps_per_epoch": 4}
 
@@ -138,7 +138,9 @@ def test_lesion_table_measures_components():
     probs[2][pred == 2] = 0.7
     probs[2, 7, 7, 5] = 0.95
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
-    rows = _components(pred, probs, affine, "v", "m", "1")
+    from models.lesions import components
+
+    rows = components(pred, probs, affine, "v", "m", "1")
     assert sorted(r["voxels"] for r in rows) == [6, 8]
     big = next(r for r in rows if r["voxels"] == 8)
     assert big["volume_ml"] == pytest.approx(8 * 12 / 1000)
@@ -206,13 +208,14 @@ def test_a_slice_classifier_classifies_and_explains_whole_volumes(trained):
     from pathlib import Path
 
     from models.evaluate import volume_scores, window_probabilities
-    from models.networks import Planar, from_config
+    from models.networks import Planar
+    from models.tasks import build_networks
 
     current = registry.current(trained, "infer-planar")
     folder = registry.version_dir(trained, "infer-planar", current["version"])
     info = _json.loads((folder / "model.json").read_text())
     config = TrainConfig(**info["config"]["train"])
-    model = from_config(config, 2)
+    model = build_networks(config, 2)["model"]
     assert isinstance(model, Planar) and isinstance(model.net.conv1, torch.nn.Conv2d)
     assert model.net.conv1.stride == (2, 2)
     model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True)["model"])
@@ -221,7 +224,7 @@ def test_a_slice_classifier_classifies_and_explains_whole_volumes(trained):
     vol = st.open_volume(pre_root, vid)
     image = torch.from_numpy(np.ascontiguousarray(vol.array[...], dtype=np.float32))[None, None]
     z, y, x = image.shape[2:]
-    windows = window_probabilities(model, image, config.patch_size, torch.device("cpu"))
+    windows = window_probabilities(model, image, config.sampling.patch_size, torch.device("cpu"))
     steps = [len(range(0, max(n - 32, 0) + 16, 16)) if n > 32 else 1 for n in (y, x)]
     assert windows.shape == (z * steps[0] * steps[1], 2)  # every slice, windows overlapping by half in-plane
     model.eval()
@@ -229,7 +232,7 @@ def test_a_slice_classifier_classifies_and_explains_whole_volumes(trained):
         first = torch.softmax(model.net(image[:, :, 0, :32, :32]), 1)[0].numpy()
     np.testing.assert_allclose(windows[0], first, atol=1e-5)
     positive = info["config"]["classes"].index("lesion")
-    score = volume_scores(model, pre_root, [vid], config.patch_size, torch.device("cpu"), positive)[0, positive]
+    score = volume_scores(model, pre_root, [vid], config.sampling.patch_size, torch.device("cpu"), positive)[0, positive]
     assert score == pytest.approx(windows[:, positive].max())
 
     summary = run_local(InferConfig(store=trained, name="infer-planar", volumes=[vid], explain="all"))
@@ -290,14 +293,14 @@ def test_pipelined_inference_equals_one_volume_at_a_time(trained):
     for name in ("infer-segmentation", "infer-classification"):
         config = InferConfig(store=store, name=name, explain="none")
         info = infer.model_info(config)
-        model, train, n = infer.load_model(config, info, device)
+        predictor = infer.load_predictor(config, info, device)
         todo, done = infer.plan(config, info)
         volumes = sorted(todo + done)[:3]
-        rows, lesions = infer.infer_volumes(config, info, model, train, n, volumes, device, pipeline=True)
+        rows, lesions = infer.infer_volumes(predictor, volumes, pipeline=True)
         labels = {v: st.open_label(store, v, f"prediction-{name}")[...] for v in volumes} \
-            if train.task == "segmentation" else {}
+            if predictor.train.task == "segmentation" else {}
         for i, vid in enumerate(volumes):
-            row, les = infer.infer_volume(config, info, model, train, n, vid, device)
+            row, les = infer.infer_volume(predictor, vid)
             assert rows[i]["volume_id"] == vid
             np.testing.assert_allclose(rows[i]["probabilities"], row["probabilities"], rtol=1e-6)
             assert rows[i]["prediction"] == row["prediction"]

@@ -92,7 +92,7 @@ def test_config_file_paths_are_relative_to_the_file(tmp_path):
     config = NightlyConfig.from_file(path)
     assert config.sources == [str(tmp_path / "data"), "s3://bucket/archive"]
     assert config.store == str(tmp_path / "store")
-    assert config.train_run(config.models[0], "v1").train.epochs == 3
+    assert config.train_run(config.models[0], "v1").train.optimisation.epochs == 3
     assert NightlyConfig.from_file(path, store="/elsewhere").store == "/elsewhere"
     from voxelflow.errors import ConfigurationError
 

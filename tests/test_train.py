@@ -114,10 +114,11 @@ def test_train_flow_registers_and_reports(data, prefect_server):
 
 
 def test_class_weights():
-    from models.train import _class_weights, weighting
+    from models.tasks import class_weights
+    from models.train import weighting
 
-    inv = _class_weights({0: 90, 1: 9, 2: 1}, 3, "inverse")
-    sq = _class_weights({0: 90, 1: 9, 2: 1}, 3, "sqrt")
+    inv = class_weights({0: 90, 1: 9, 2: 1}, 3, "inverse")
+    sq = class_weights({0: 90, 1: 9, 2: 1}, 3, "sqrt")
     assert inv.mean().item() == pytest.approx(1.0) and inv[2] / inv[0] == pytest.approx(90.0)
     assert sq[2] / sq[0] == pytest.approx(90 ** 0.5, rel=1e-5)
     assert weighting(TrainConfig(task="segmentation")) == "none"
@@ -126,7 +127,8 @@ def test_class_weights():
 
 
 def test_operating_threshold_from_validation_scores():
-    from models.evaluate import classification_metrics, decide, operating_threshold
+    from models.evaluate import operating_threshold
+    from models.metrics import classification as classification_metrics, decide
 
     # separable: the midpoint of the widest gap between the classes
     assert operating_threshold([0.91, 0.95, 0.97, 0.99], [0, 0, 1, 1]) == pytest.approx(0.96)
@@ -143,11 +145,11 @@ def test_operating_threshold_from_validation_scores():
 
 @pytest.mark.parametrize("pooling,norm", [("max", "batch"), ("avg", "instance"), ("max", "instance")])
 def test_classifier_variants_train(data, tmp_path, pooling, norm):
-    from models.networks import from_config
+    from models.tasks import build_networks
 
     store, version = data
     config = TrainConfig(task="classification", pooling=pooling, norm=norm, **SMALL)
-    model = from_config(config, 2)
+    model = build_networks(config, 2)["model"]
     assert isinstance(model.avgpool, torch.nn.AdaptiveMaxPool3d if pooling == "max" else torch.nn.AdaptiveAvgPool3d)
     assert any(isinstance(m, torch.nn.InstanceNorm3d if norm == "instance" else torch.nn.BatchNorm3d)
                for m in model.modules())
@@ -170,7 +172,7 @@ def test_merged_label_values_make_fewer_classes(data):
     config = TrainConfig(task="segmentation", label_map={2: 1}, **(SMALL | dict(epochs=1, steps_per_epoch=2)))
     run = TrainRun(store=store, version=version, name="seg-merged", train=config)
     train, _ = _datasets(run)
-    plain, _ = _datasets(run.model_copy(update={"train": config.model_copy(update={"label_map": {}})}))
+    plain, _ = _datasets(run.model_copy(update={"train": config.replace(label_map={})}))
     train.samples_per_epoch = plain.samples_per_epoch = 64
     values = set()
     for i in range(len(train)):
@@ -183,9 +185,9 @@ def test_merged_label_values_make_fewer_classes(data):
     folder = registry.version_dir(store, "seg-merged", summary["version"])
     info = json.loads((folder / "model.json").read_text())
     assert TrainConfig(**info["config"]["train"]).label_map == {2: 1}  # JSON keys back to ints
-    from models.networks import from_config
+    from models.tasks import build_networks
 
-    model = from_config(config, 2)  # background and liver: the weights load into two outputs
+    model = build_networks(config, 2)["model"]  # background and liver: the weights load into two outputs
     model.load_state_dict(torch.load(folder / "weights.pt", weights_only=True)["model"])
     # the evaluation merges too: a model that calls every voxel liver scores exactly the Dice of
     # the merged truth (lesions count as hits), not of the liver label alone
