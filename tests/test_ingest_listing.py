@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from voxelflow import catalog, ingest, location
+from voxelflow import catalog, ingest, location, sorted_parquet
 from voxelflow.errors import DuplicateKeyError, SourceError
 from voxelflow.ingest import KeyTally, Listing, RunRows, check_accounting
 from voxelflow.io.sources import InputFile, iter_inputs
@@ -147,7 +147,7 @@ def test_sorted_merge_equals_an_in_memory_merge(tmp_path):
     new_keys = keys[300:]
     parts = [_part(tmp_path, f"part{i}", _file_rows(new_keys[i::3][: 20 + 60 * i], f"new{i}")) for i in range(3)]
     new = pa.concat_tables([pq.read_table(p) for p in parts])
-    merged = pa.concat_tables(list(catalog.merge_sorted([base, *parts], catalog.FILE_SCHEMA, ("source", "path"),
+    merged = pa.concat_tables(list(sorted_parquet.merge_sorted([base, *parts], catalog.FILE_SCHEMA, ("source", "path"),
                                                         base=True, batch_bytes=2000)))
     expected = catalog.merge(old, new, catalog.FILE_SCHEMA, ("source", "path"))
     assert merged.drop_columns(["_rank"]).equals(expected)
@@ -162,27 +162,27 @@ def test_sorted_merge_refuses_duplicates_and_unsorted_sources(tmp_path):
     one = _part(tmp_path, "one", _file_rows([("s", "a"), ("s", "b")]))
     two = _part(tmp_path, "two", _file_rows([("s", "b"), ("s", "c")]))
     with pytest.raises(DuplicateKeyError, match=r"\('s', 'b'\)"):
-        list(catalog.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path")))
-    assert len(list(catalog.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path"), base=True))) >= 1
+        list(sorted_parquet.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path")))
+    assert len(list(sorted_parquet.merge_sorted([one, two], catalog.FILE_SCHEMA, ("source", "path"), base=True))) >= 1
     unsorted = tmp_path / "unsorted.parquet"
     pq.write_table(pa.Table.from_pylist(_file_rows([("s", "z"), ("s", "a")]), schema=catalog.FILE_SCHEMA), unsorted)
-    assert not catalog.is_sorted(unsorted, ("source", "path")) and catalog.is_sorted(one, ("source", "path"))
+    assert not sorted_parquet.is_sorted(unsorted, ("source", "path")) and sorted_parquet.is_sorted(one, ("source", "path"))
     with pytest.raises(ValueError, match="not sorted"):
-        list(catalog.merge_sorted([unsorted, one], catalog.FILE_SCHEMA, ("source", "path"), base=True))
+        list(sorted_parquet.merge_sorted([unsorted, one], catalog.FILE_SCHEMA, ("source", "path"), base=True))
 
 
 def test_run_rows_compact_in_levels_and_count_as_they_come(tmp_path, monkeypatch):
     """Parts are merged FANIN at a time into parts of the next level: the parts on disk stay
     few, every row is kept once, and the counts are those of all rows added."""
     monkeypatch.setattr(RunRows, "FANIN", 3)
-    monkeypatch.setattr(ingest.rows, "PART_GROUP", 5)
+    monkeypatch.setattr(sorted_parquet, "PART_GROUP", 5)
     rows = RunRows(tmp_path / "run")
     keys = [("s", f"f{i:03d}") for i in np.random.default_rng(1).permutation(100)]
     for i in range(0, 100, 4):  # 25 parts
         part = _file_rows(keys[i:i + 4])
         part[0] |= {"status": "skipped", "reason": f"reason {i % 3}", "volume_id": None}
         rows.add("files", part)
-    levels = sorted(level for level, _ in rows._parts["files"])
+    levels = rows.levels("files")
     assert levels == [0, 1, 1, 2, 2]  # 25 = 2*9 + 2*3 + 1
     assert len(list((tmp_path / "run").glob("*.parquet"))) == 5
     assert len(rows.parts("files")) == 3  # at most FANIN for the catalog merge: the lowest merged
@@ -190,7 +190,7 @@ def test_run_rows_compact_in_levels_and_count_as_they_come(tmp_path, monkeypatch
     back = pa.concat_tables(list(rows.tables("files")))
     assert sorted(back["path"].to_pylist()) == sorted(p for _, p in keys)
     for path in rows.parts("files"):
-        assert catalog.is_sorted(path, ("source", "path"))
+        assert sorted_parquet.is_sorted(path, ("source", "path"))
     summary = rows.summary()
     assert (summary["files"], summary["converted"], summary["skipped"]) == (100, 75, 25)
     assert summary["top_reasons"][0] == {"files": 9, "status": "skipped", "reason": "reason 0"}

@@ -15,17 +15,15 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from voxelflow import location
-from voxelflow.errors import DuplicateKeyError
+from voxelflow.sorted_parquet import conform, is_sorted, merge_sorted, release_arrow_memory
 
 VOLUME_SCHEMA = pa.schema([
     ("volume_id", pa.string()),
@@ -151,159 +149,6 @@ def merge(old: pa.Table, new_rows: list[dict[str, Any]] | pa.Table, schema: pa.S
     return new.take(pc.sort_indices(new, sort_keys=[(k, "ascending") for k in key]))
 
 
-# ----------------------------------------------------------------------------- sorted merges
-
-
-def _key_at(table: pa.Table, key: tuple[str, ...], row: int) -> tuple:
-    return tuple(table[k][row].as_py() for k in key)
-
-
-def _at_most(table: pa.Table, key: tuple[str, ...], bound: tuple):
-    """Rows whose key is at most ``bound``, lexicographically over the key's columns (the byte
-    order Arrow sorts strings in, which is Python's order)."""
-    mask = None
-    for name, value in reversed(list(zip(key, bound))):
-        col = table[name]
-        mask = pc.less_equal(col, value) if mask is None else \
-            pc.or_(pc.less(col, value), pc.and_(pc.equal(col, value), mask))
-    return mask
-
-
-def _same_as_next(table: pa.Table, key: tuple[str, ...]):
-    """Per row but the last: whether the next row has the same key."""
-    head, tail = table.slice(0, table.num_rows - 1), table.slice(1)
-    same = None
-    for name in key:
-        eq = pc.equal(head[name], tail[name])
-        same = eq if same is None else pc.and_(same, eq)
-    return same
-
-
-def is_sorted(source: Any, key: tuple[str, ...], batch_rows: int = 65536) -> bool:
-    """Whether a Parquet file's rows are in ascending key order, read a batch of key columns
-    at a time."""
-    last = None
-    for batch in _parquet(source).iter_batches(batch_size=batch_rows, columns=list(key)):
-        table = pa.Table.from_batches([batch])
-        if not _in_order(table, key, last):
-            return False
-        last = _key_at(table, key, table.num_rows - 1) if table.num_rows else last
-    return True
-
-
-def _in_order(table: pa.Table, key: tuple[str, ...], after: tuple | None) -> bool:
-    """Whether the rows are in ascending key order, none below ``after`` (the key before them)."""
-    if not table.num_rows:
-        return True
-    if after is not None and _key_at(table, key, 0) < after:
-        return False
-    return _ordered(table, key)
-
-
-def _ordered(table: pa.Table, key: tuple[str, ...]) -> bool:
-    """Whether the table's rows are in ascending key order."""
-    if table.num_rows < 2:
-        return True
-    head, tail = table.slice(0, table.num_rows - 1), table.slice(1)
-    le = None
-    for name in reversed(key):
-        x, y = head[name], tail[name]
-        le = pc.less_equal(x, y) if le is None else pc.or_(pc.less(x, y), pc.and_(pc.equal(x, y), le))
-    return bool(pc.all(le).as_py())
-
-
-def _parquet(source: Any) -> pq.ParquetFile:
-    if location.is_url(source):
-        return pq.ParquetFile(location.path(source).open("rb"))
-    return pq.ParquetFile(source)
-
-
-class _Stream:
-    """One sorted source of a merge: the rows of its current batch not yet merged."""
-
-    def __init__(self, source: Any, rank: int, schema: pa.Schema, key: tuple[str, ...], batch_bytes: int):
-        self.source, self.rank, self.schema, self.key = source, rank, schema, key
-        pf = _parquet(source)
-        meta = pf.metadata
-        # rows of about ``batch_bytes`` (a volume row lists its files: a few kB to 100s of kB)
-        row_bytes = max(1, sum(meta.row_group(g).total_byte_size for g in range(meta.num_row_groups))
-                        // max(1, meta.num_rows))
-        self._batches = pf.iter_batches(batch_size=int(min(4096, max(1, batch_bytes // row_bytes))))
-        self.rows = schema.empty_table()
-        self._last: tuple | None = None
-
-    def fill(self) -> bool:
-        """Read the next batch when the current one is used up; False at the end."""
-        while not self.rows.num_rows:
-            batch = next(self._batches, None)
-            if batch is None:
-                return False
-            table = conform(pa.Table.from_batches([batch]), self.schema)
-            if not _in_order(table, self.key, self._last):
-                raise ValueError(f"{self.source}: rows are not sorted by {', '.join(self.key)}")
-            self.rows = table
-            if table.num_rows:
-                self._last = _key_at(table, self.key, table.num_rows - 1)
-        return True
-
-    def last(self) -> tuple:
-        return _key_at(self.rows, self.key, self.rows.num_rows - 1)
-
-    def take_upto(self, bound: tuple) -> pa.Table:
-        """Its rows with keys up to ``bound`` (a prefix: the rows are sorted), marked with its rank."""
-        n = int(pc.sum(_at_most(self.rows, self.key, bound)).as_py() or 0)
-        head, self.rows = self.rows.slice(0, n), self.rows.slice(n)
-        return head.append_column("_rank", pa.array(np.full(n, self.rank, dtype=np.int32)))
-
-
-def merge_sorted(sources: list[Any], schema: pa.Schema, key: tuple[str, ...], *, base: bool = False,
-                 batch_bytes: int = 128 << 10) -> Iterator[pa.Table]:
-    """Merge Parquet files whose rows are each sorted by ``key`` into one key-ordered stream,
-    holding one batch of about ``batch_bytes`` per source (a k-way merge a batch at a time).
-
-    Yields tables in ``schema`` plus ``_rank``, the index of the source each row came from.
-    With ``base``, the first source is an earlier table whose rows the others replace (the
-    catalog a run updates); keys must otherwise be unique.
-
-    Raises:
-        DuplicateKeyError: two rows of the sources that must be unique share a key.
-        ValueError: a source is not sorted by ``key``.
-    """
-    streams = [s for s in (_Stream(src, rank, schema, key, batch_bytes) for rank, src in enumerate(sources))
-               if s.fill()]
-    order = [(k, "ascending") for k in key] + [("_rank", "ascending")]
-    while streams:
-        # Every row up to the smallest of the batches' last keys is here: no source can hold
-        # a smaller key further on.
-        bound = min(s.last() for s in streams)
-        pieces = [s.take_upto(bound) for s in streams]
-        merged = pa.concat_tables([p for p in pieces if p.num_rows])
-        merged = merged.take(pc.sort_indices(merged, sort_keys=order))
-        if merged.num_rows > 1:
-            same = _same_as_next(merged, key)
-            if pc.any(same).as_py():
-                rank = merged["_rank"].slice(0, merged.num_rows - 1)
-                clash = pc.and_(same, pc.not_equal(rank, 0)) if base else same
-                if pc.any(clash).as_py():
-                    row = pc.index(clash, True).as_py()
-                    raise DuplicateKeyError(f"two rows for {_key_at(merged, key, row)} "
-                                            f"(in {sources[merged['_rank'][row].as_py()]} and "
-                                            f"{sources[merged['_rank'][row + 1].as_py()]})")
-                # an earlier row replaced by a newer one of the same key
-                merged = merged.filter(pa.concat_arrays([pc.invert(same).combine_chunks(), pa.array([True])]))
-        yield merged
-        streams = [s for s in streams if s.rows.num_rows or s.fill()]
-
-
-def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
-    """``table`` in ``schema``: columns a newer schema added (absent from a catalog written by an
-    earlier version) are filled with nulls."""
-    for field in schema:
-        if field.name not in table.column_names:
-            table = table.append_column(field.name, pa.nulls(table.num_rows, field.type))
-    return table.select(schema.names).cast(schema)
-
-
 def update_catalog(store: str | os.PathLike, volume_parts: list[str], file_parts: list[str],
                    sources: list[str] | None = None) -> int:
     """Merge a run's rows into the catalog and write both tables, sorted by key, streaming:
@@ -337,5 +182,5 @@ def update_catalog(store: str | os.PathLike, volume_parts: list[str], file_parts
                     yield table.drop_columns(["_rank"])
 
             location.write_parquet_stream(rows(), schema, target)
-            pa.default_memory_pool().release_unused()
+            release_arrow_memory()
     return gone

@@ -22,7 +22,8 @@ from voxelflow.ingest.config import MAX_TASKS, IngestConfig, prepare_store, stor
 from voxelflow.ingest.convert import CONVERT_CHUNK, convert_dicom_series, convert_jobs, convert_nifti_file
 from voxelflow.ingest.listing import KeyTally, Listing, dump_batch, iter_listing, load_batch, read_listing
 from voxelflow.ingest.plan import ConversionJob, Previous, job_records, plan_jobs, read_job_tables, read_rows
-from voxelflow.ingest.rows import FILE_ROW_SCHEMA, RunRows, release_arrow_memory, write_rows
+from voxelflow.ingest.rows import FILE_ROW_SCHEMA, RunRows, write_rows
+from voxelflow.sorted_parquet import release_arrow_memory
 from voxelflow.ingest.run import check_accounting, default_scratch, run_local
 from voxelflow.ingest.scan import SCAN_SCHEMA, classify_file, file_digest, scan_batch
 

@@ -14,7 +14,7 @@ from voxelflow.deid import pseudonym
 from voxelflow.errors import InvalidInputError, NotAnImageError
 from voxelflow.geometry import orientation_code
 from voxelflow.ingest.plan import job_records, read_job_tables
-from voxelflow.ingest.rows import release_arrow_memory
+from voxelflow.sorted_parquet import release_arrow_memory
 from voxelflow.io.dicom import not_part_of_a_volume, plan_series, stack_volume
 from voxelflow.io.nifti import read_nifti
 from voxelflow.store import write_volume

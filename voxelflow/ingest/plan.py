@@ -13,7 +13,8 @@ import pyarrow.parquet as pq
 
 from voxelflow import catalog
 from voxelflow.ingest.config import MAX_TASKS
-from voxelflow.ingest.rows import FILE_ROW_SCHEMA, RunRows, release_arrow_memory
+from voxelflow.ingest.rows import FILE_ROW_SCHEMA, RunRows
+from voxelflow.sorted_parquet import conform, release_arrow_memory
 
 
 class ConversionJob(TypedDict):
@@ -41,8 +42,8 @@ class Previous:
     """
 
     def __init__(self, store: str):
-        files = catalog.conform(catalog.read_table(store, "files"), catalog.FILE_SCHEMA)
-        volumes = catalog.conform(catalog.read_table(store, "volumes"), catalog.VOLUME_SCHEMA)
+        files = conform(catalog.read_table(store, "files"), catalog.FILE_SCHEMA)
+        volumes = conform(catalog.read_table(store, "volumes"), catalog.VOLUME_SCHEMA)
         volumes = volumes.select(["volume_id", "series_id", "kind"])
         dicom = volumes.filter(pc.equal(volumes["kind"], "dicom")).select(["volume_id", "series_id"])
         self.files = files.join(dicom, keys="volume_id", join_type="left outer")

@@ -15,7 +15,7 @@ import xxhash
 
 from voxelflow import location
 from voxelflow.errors import InvalidInputError, NotAnImageError
-from voxelflow.ingest.rows import release_arrow_memory
+from voxelflow.sorted_parquet import release_arrow_memory
 from voxelflow.io.dicom import HEAD_BYTES, looks_like_dicom, scan_dicom
 from voxelflow.io.dicom.record import SCHEMA as DICOM_RECORD_SCHEMA
 from voxelflow.io.nifti import looks_like_nifti
