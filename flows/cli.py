@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -338,27 +339,19 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return 0
 
 
-def deployments(config, cron: str, timezone: str) -> list:
-    """The deployments ``voxelflow serve`` runs: nightly on a cron schedule, ingest and
-    infer on demand (from the UI, ``prefect deployment run`` or an automation)."""
-    from prefect.schedules import Cron
+def _served_config_file(args: argparse.Namespace) -> Path:
+    """The nightly configuration file the served deployments read at each run: the user's, or,
+    with ``--store``/``--source`` overrides, the overridden configuration written under
+    ``$VOXELFLOW_HOME/serve/`` (a deployment's parameter is a file, as for work pools)."""
+    config = _nightly_config(args)  # checked now: a broken file stops serve before it starts
+    if not (args.store or args.source):
+        return Path(args.config).resolve()
+    from voxelflow.deid import voxelflow_home
 
-    from flows.infer import infer_flow
-    from flows.ingest import ingest_flow
-    from flows.nightly import nightly_flow
-
-    out = [
-        nightly_flow.to_deployment(name="voxelflow-nightly", schedules=[Cron(cron, timezone=timezone)],
-                                   parameters={"config": config.model_dump(mode="json")}, tags=["voxelflow"],
-                                   description="ingest -> labels -> preprocess -> train -> infer, every night"),
-        ingest_flow.to_deployment(name="voxelflow-ingest", tags=["voxelflow"],
-                                  parameters={"config": config.ingest_config().model_dump(mode="json")}),
-    ]
-    for spec in config.models:
-        if spec.predicts():
-            out.append(infer_flow.to_deployment(
-                name=f"voxelflow-infer-{spec.name}", tags=["voxelflow"],
-                parameters={"config": config.infer_config(spec).model_dump(mode="json")}))
+    text = config.model_dump_json(indent=2)
+    out = voxelflow_home() / "serve" / f"nightly-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    location.makedirs(out.parent)
+    location.write_bytes(out, text.encode())
     return out
 
 
@@ -371,13 +364,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from flows import runtime
 
-    config = _nightly_config(args)
+    from flows.deployments import runner_deployments
+
+    config_file = _served_config_file(args)
     api = _prefect_api()
     if args.dask_address:
         os.environ["VOXELFLOW_DASK_ADDRESS"] = args.dask_address  # the runs' subprocesses inherit it
-    deps = deployments(config, args.cron, args.timezone)
-    print(f"serving {len(deps)} deployments ({', '.join(d.name for d in deps)}); nightly at {args.cron!r} "
-          f"{args.timezone}; UI {api.ui_url}/deployments", flush=True)
+    deps = runner_deployments(config_file, args.timezone, args.cron)
+    scheduled = "; ".join(f"{d.name} at {s.schedule.cron!r} {s.schedule.timezone}" for d in deps for s in d.schedules)
+    print(f"serving {len(deps)} deployments of deployment/prefect.yaml ({', '.join(d.name for d in deps)}); "
+          f"{scheduled or 'none scheduled'}; UI {api.ui_url}/deployments", flush=True)
     def interrupted(*_):
         _stop_watchdog(deps, api, float(os.environ.get("VOXELFLOW_SERVE_STOP_S", 60)), args.keep_server)
         raise KeyboardInterrupt
@@ -462,8 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", action="append", help="override the configuration's sources (repeatable)")
         add_dask(p)
         if name == "serve":
-            p.add_argument("--cron", default=os.environ.get("VOXELFLOW_NIGHTLY_CRON", "0 2 * * *"),
-                           help="nightly schedule (default 02:00: '0 2 * * *')")
+            p.add_argument("--cron", default=os.environ.get("VOXELFLOW_NIGHTLY_CRON"),
+                           help="nightly schedule (default: deployment/prefect.yaml's, 02:00: '0 2 * * *')")
             p.add_argument("--timezone", default=os.environ.get("VOXELFLOW_TIMEZONE", "UTC"),
                            help="time zone of the schedule, e.g. Europe/Berlin (default: $VOXELFLOW_TIMEZONE or UTC)")
             p.add_argument("--limit", type=int, default=None, help="most flow runs at once")

@@ -100,17 +100,25 @@ def test_config_file_paths_are_relative_to_the_file(tmp_path):
         NightlyConfig.from_file(tmp_path / "missing.json")
 
 
-def test_serve_deployments_have_the_nightly_schedule(tmp_path):
-    from flows.cli import deployments
+def test_serve_builds_the_deployments_of_prefect_yaml(tmp_path):
+    """`voxelflow serve` and `prefect deploy` read one definition, deployment/prefect.yaml: the
+    same names, entrypoints and parameters; the schedule in the time zone asked for (and a
+    --cron replaces the file's)."""
+    from flows.deployments import declared, runner_deployments
 
-    config = NightlyConfig(sources=[str(tmp_path)], store=str(tmp_path / "store"),
-                           models=[ModelSpec(name="seg"), ModelSpec(name="ae", task="autoencoder")])
-    deps = {d.name: d for d in deployments(config, "0 2 * * *", "Europe/Berlin")}
-    assert set(deps) == {"voxelflow-nightly", "voxelflow-ingest", "voxelflow-infer-seg"}
+    path = tmp_path / "nightly.json"
+    path.write_text(NightlyConfig(sources=[str(tmp_path)], store=str(tmp_path / "store")).model_dump_json())
+    deps = {d.name: d for d in runner_deployments(path, "Europe/Berlin")}
+    entries = {e["name"]: e for e in declared()}
+    assert set(deps) == set(entries) == {"voxelflow-nightly", "voxelflow-ingest", "voxelflow-infer"}
+    for name, dep in deps.items():
+        assert dep.entrypoint.endswith(entries[name]["entrypoint"].split("/")[-1])
+        assert dep.parameters == {"config_file": str(path.resolve())}
     schedule = deps["voxelflow-nightly"].schedules[0].schedule
-    assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
-    assert NightlyConfig(**deps["voxelflow-nightly"].parameters["config"]) == config
-    assert not deps["voxelflow-ingest"].schedules
+    assert (schedule.cron, schedule.timezone) == (entries["voxelflow-nightly"]["schedules"][0]["cron"], "Europe/Berlin")
+    assert not deps["voxelflow-ingest"].schedules and not deps["voxelflow-infer"].schedules
+    again = {d.name: d for d in runner_deployments(path, "UTC", cron="30 1 * * *")}
+    assert again["voxelflow-nightly"].schedules[0].schedule.cron == "30 1 * * *"
 
 
 @pytest.mark.slow
@@ -177,12 +185,12 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
                 assert time.monotonic() < deadline, "voxelflow serve registered no deployments in 120 s"
                 time.sleep(2)
                 try:
-                    found = client.read_deployment_by_name("ingest/voxelflow-ingest")
+                    found = client.read_deployment_by_name("ingest-from-config/voxelflow-ingest")
                     nightly = client.read_deployment_by_name("nightly/voxelflow-nightly")
                 except ObjectNotFound:
                     found = None
             assert nightly.schedules[0].schedule.timezone == "America/New_York"
-        run = run_deployment("ingest/voxelflow-ingest", timeout=240)
+        run = run_deployment("ingest-from-config/voxelflow-ingest", timeout=240)
         assert run.state.is_completed(), run.state
         assert catalog.read_table(config.store, "volumes").num_rows == 6
     finally:
