@@ -95,15 +95,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
                                                                                  positive_fraction=0.4))
     sources.append(str(synthetic / "images"))
     print("demo sources:", *sources, sep="\n  ")
-    common = dict(dask_address=args.dask_address, workers=args.workers)
-    cmd_ingest(argparse.Namespace(sources=sources, store=store, scratch=None, secret_file=None, batch_size=64,
-                                  chunk=64, json=None, **common))
-    cmd_labels(argparse.Namespace(store=store, segmentations=str(synthetic / "labels" / "segmentations.csv"),
-                                  classes=str(synthetic / "labels" / "labels.csv"), split="0.6,0.2,0.2",
-                                  seed=0, secret_file=None))
-    version = _preprocess(argparse.Namespace(store=store, spacing=None, interpolation="linear", no_crop=False,
-                                             volume=None, labelled_only=True, **common))
-    cmd_augment(argparse.Namespace(store=store, version=version, copies=2, seed=0, split="train", **common))
+    dask = [*(["--dask-address", args.dask_address] if args.dask_address else []),
+            *(["--workers", str(args.workers)] if args.workers else [])]
+    _command("ingest", *sources, "--store", store, "--batch-size", "64", *dask)
+    _command("labels", store, "--segmentations", synthetic / "labels" / "segmentations.csv",
+             "--classes", synthetic / "labels" / "labels.csv", "--split", "0.6,0.2,0.2")
+    version = _preprocess(_parse("preprocess", store, "--labelled-only", *dask))
+    _command("augment", store, "--version", version, "--copies", "2", *dask)
     if args.train_epochs:
         settings = {
             # the liver, lesions included (LiTS's liver task: the lesions are the classifier's),
@@ -122,15 +120,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
         augment = {"segmentation": [], "classification": [f"{k}={json.dumps(v)}" for k, v in FLIPS_ONLY.items()]}
         for task in ("segmentation", "classification"):
-            cmd_train(argparse.Namespace(
-                store=store, version=version, task=task, config=None, name=None, no_augment=False, gpu=None,
-                set=[f"epochs={args.train_epochs}", "early_stopping=8", *settings[task]], augment=augment[task],
-                **common))
-            cmd_infer(argparse.Namespace(store=store, name=task, model=None, split=None, volume=None, gpu=None,
-                                         export=str(work / "predictions") if task == "segmentation" else None,
-                                         dicom_seg=None, **common))
-    cmd_export(argparse.Namespace(store=store, outdir=str(work / "nifti"), volume=None))
+            sets = [f"epochs={args.train_epochs}", "early_stopping=8", *settings[task]]
+            _command("train", store, "--version", version, "--task", task, *dask,
+                     *[a for kv in sets for a in ("--set", kv)], *[a for kv in augment[task] for a in ("--augment", kv)])
+            _command("infer", store, "--name", task, *dask,
+                     *(["--export", work / "predictions"] if task == "segmentation" else []))
+    _command("export", store, work / "nifti")
     return 0
+
+
+def _parse(*argv) -> argparse.Namespace:
+    """A command line as the user would type it, parsed by the same parser (and defaults)."""
+    return build_parser().parse_args([str(a) for a in argv])
+
+
+def _command(*argv) -> int:
+    """Run one voxelflow command (``_command("export", store, outdir)``) as ``main`` would."""
+    args = _parse(*argv)
+    return args.func(args)
 
 
 def _preprocess(args: argparse.Namespace) -> str:

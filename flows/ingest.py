@@ -43,7 +43,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
 
         # 1. Headers, in batches on the Dask workers, each reading its rows of the listing.
         # Batches and jobs travel as JSON text: Prefect walks list and dict parameters element
-        # by element looking for futures (2.6 s per 10^4 files in this process, cProfile).
+        # by element looking for futures, seconds per 10^4 files (README, "Why the defaults").
         futures = {scan_headers.submit(ingest.dump_batch(listing, start, stop), config.store, config.secret_file,
                                        str(scratch / "scan" / f"{i:06d}.parquet")): (start, stop)
                    for i, (start, stop) in enumerate(listing.batches(config.batch_size))}

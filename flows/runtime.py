@@ -31,7 +31,7 @@ DEFAULT_PORT = 4200
 
 # Dask's nanny sets MALLOC_TRIM_THRESHOLD_ in its workers, which also switches off glibc's
 # adaptive mmap threshold: every array over 128 KiB is then mmapped and page-faulted afresh,
-# and converting a 300-slice CT series took 1.8 s instead of 1.0 s (measured here). Keeping
+# which slows conversion by most of its time again (README, "Why the defaults"). Keeping
 # buffers up to 4 MiB on the heap restores the speed and still returns big arrays to the OS.
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 * 1024 * 1024)}
 STARTUP_TIMEOUT_S = 180

@@ -9,8 +9,9 @@ from voxelflow import location
 from voxelflow.deid import create_key, key_path, load_key
 from voxelflow.store import clean_staging, init_store, store_id
 
-# Tasks per stage at most: each Prefect task costs ~0.1-0.3 s of API calls and scheduling,
-# so a 10^6-file archive in 256-file batches would spend longer orchestrating than working.
+# Tasks per stage at most: each Prefect task costs a fixed share of API calls and scheduling
+# (README, "Why the defaults"), so a 10^6-file archive in small batches would spend longer
+# orchestrating than working.
 MAX_TASKS = 64
 
 
