@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -346,34 +345,14 @@ def cmd_nightly(args: argparse.Namespace) -> int:
     return 0
 
 
-def _served_config_file(args: argparse.Namespace) -> Path:
-    """The nightly configuration file the served deployments read at each run: the user's, or,
-    with ``--store``/``--source`` overrides, the overridden configuration written under
-    ``$VOXELFLOW_HOME/serve/`` (a deployment's parameter is a file, as for work pools)."""
-    config = _nightly_config(args)  # checked now: a broken file stops serve before it starts
-    if not (args.store or args.source):
-        return Path(args.config).resolve()
-    from voxelflow.deid import voxelflow_home
-
-    text = config.model_dump_json(indent=2)
-    out = voxelflow_home() / "serve" / f"nightly-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
-    location.makedirs(out.parent)
-    location.write_bytes(out, text.encode())
-    return out
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the deployments on this machine until interrupted (Ctrl-C / SIGTERM): a local
     Prefect server if none is configured, schedules, and a runner that executes the runs."""
-    import signal
-
-    from prefect import serve
-
-    from flows import runtime
-
     from flows.deployments import runner_deployments
+    from flows.serve import serve, served_config_file
 
-    config_file = _served_config_file(args)
+    config = _nightly_config(args)  # checked now: a broken file stops serve before it starts
+    config_file = served_config_file(config, args.config, overridden=bool(args.store or args.source))
     api = _prefect_api()
     if args.dask_address:
         os.environ["VOXELFLOW_DASK_ADDRESS"] = args.dask_address  # the runs' subprocesses inherit it
@@ -381,53 +360,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     scheduled = "; ".join(f"{d.name} at {s.schedule.cron!r} {s.schedule.timezone}" for d in deps for s in d.schedules)
     print(f"serving {len(deps)} deployments of deployment/prefect.yaml ({', '.join(d.name for d in deps)}); "
           f"{scheduled or 'none scheduled'}; UI {api.ui_url}/deployments", flush=True)
-    def interrupted(*_):
-        _stop_watchdog(deps, api, float(os.environ.get("VOXELFLOW_SERVE_STOP_S", 60)), args.keep_server)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGINT, interrupted)
-    signal.signal(signal.SIGTERM, interrupted)
-    try:
-        serve(*deps, print_starting_message=False, limit=args.limit)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if api.started_here and not args.keep_server:
-            runtime.stop_local_server()
+    serve(deps, api, limit=args.limit, keep_server=args.keep_server,
+          stop_after_s=float(os.environ.get("VOXELFLOW_SERVE_STOP_S", 60)))
     print("stopped", flush=True)
     return 0
-
-
-def _stop_watchdog(deps: list, api, seconds: float, keep_server: bool) -> None:
-    """After a stop signal, give Prefect's runner ``seconds`` to shut down. It pauses the
-    schedules, then waits for its flow-run subprocesses to close their output; a run that left
-    a process holding that pipe (seen once in a while with a run's Dask workers on a loaded
-    machine) would keep it waiting forever. Then: pause the schedules here and exit."""
-    import threading
-    import time
-
-    def watch() -> None:
-        time.sleep(seconds)
-        print(f"the runner did not stop within {seconds:.0f} s (a run's subprocess still holds it); "
-              "pausing the deployments' schedules and exiting", flush=True)
-        try:
-            from prefect.client.orchestration import get_client
-
-            with get_client(sync_client=True) as client:
-                for dep in deps:
-                    found = client.read_deployment_by_name(f"{dep.flow_name}/{dep.name}")
-                    client.pause_deployment(found.id)
-        except Exception as exc:  # noqa: BLE001 - exiting anyway; say why the pause failed
-            print(f"could not pause the schedules: {type(exc).__name__}: {exc}", flush=True)
-        if api.started_here and not keep_server:
-            from flows import runtime
-
-            runtime.stop_local_server()
-        print("stopped", flush=True)
-        os._exit(0)
-
-    if not any(t.name == "voxelflow-stop-watchdog" for t in threading.enumerate()):
-        threading.Thread(target=watch, name="voxelflow-stop-watchdog", daemon=True).start()
 
 
 def build_parser() -> argparse.ArgumentParser:

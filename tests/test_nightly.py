@@ -153,6 +153,19 @@ def test_prefect_yaml_deploys_to_work_pools_with_the_nightly_schedule(prefect_se
     assert (schedule.cron, schedule.timezone) == ("0 2 * * *", "Europe/Berlin")
     assert nightly.parameters["config_file"] == env["VOXELFLOW_NIGHTLY_CONFIG"]
     NightlyConfig.from_file(nightly.parameters["config_file"])  # the shipped example parses
+    try:
+        # serve would take over these names and keep their pools; it refuses, naming them
+        config = tmp_path / "nightly.json"
+        config.write_text(NightlyConfig(sources=[str(tmp_path)], store=str(tmp_path / "store")).model_dump_json())
+        served = subprocess.run([sys.executable, "-m", "flows.cli", "serve", "--config", str(config)], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert served.returncode == 2, served.stdout[-3000:] + served.stderr[-3000:]
+        assert "nightly/voxelflow-nightly (work pool voxelflow-gpu)" in served.stderr
+        assert "prefect deployment delete" in served.stderr
+    finally:
+        with get_client(sync_client=True) as client:
+            for dep in deps.values():
+                client.delete_deployment(dep.id)
 
 
 @pytest.mark.slow
