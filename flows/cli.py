@@ -188,16 +188,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     default = TrainRun.model_fields["augmentation"].default  # the training default (spatial only)
     augmentation = type(default)(**default.model_dump() | _key_values(args.augment, "AugmentConfig",
                                                                       set(type(default).model_fields)))
+    ranks = {"world_size": args.world_size} | ({"rank_timeout_s": args.rank_timeout} if args.rank_timeout else {})
     run = TrainRun(store=args.store, version=args.version, name=args.name, train=TrainConfig(**settings),
-                   augment=not args.no_augment, augmentation=augmentation)
+                   augment=not args.no_augment, augmentation=augmentation, **ranks)
     api = _prefect_api()
     from flows.train import run_train
 
     summary = run_train(run, gpu=args.gpu, dask_address=args.dask_address, n_workers=args.workers,
                         api_url=api.api_url)
     test = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary["test"].items()}
-    print(f"model {summary['name']}/{summary['version']} ({summary['epochs']} epochs on {summary['device']}, "
-          f"{summary['stopped']}): test {test}; promoted: {summary['promoted']}")
+    t = summary["throughput"]
+    ranks_note = f", {t['world_size']} ranks" if t["world_size"] > 1 else ""
+    print(f"model {summary['name']}/{summary['version']} ({summary['epochs']} epochs on {summary['device']}{ranks_note}, "
+          f"{t['samples_per_s']} samples/s, {summary['stopped']}): test {test}; promoted: {summary['promoted']}")
     return 0
 
 
@@ -454,6 +457,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="append", metavar="KEY=VALUE",
                    help="override an on-the-fly augmentation range (AugmentConfig field, JSON value)")
     p.add_argument("--gpu", action="store_true", default=None, help="run on a Dask worker with resource GPU")
+    p.add_argument("--world-size", type=int, default=1, metavar="N",
+                   help="data-parallel ranks, one per Dask worker (with --gpu: one per GPU worker)")
+    p.add_argument("--rank-timeout", type=float, default=None, metavar="S",
+                   help="seconds a rank waits for the others before the run fails (default 600)")
     add_dask(p)
     p.set_defaults(func=cmd_train)
 

@@ -1,33 +1,116 @@
-"""The train flow: one training run on a Dask worker, on a GPU worker when there is one."""
+"""The train flow: one training run on a Dask worker (a GPU worker when there is one), or a
+data-parallel run with one rank on each of ``world_size`` workers."""
 
 from __future__ import annotations
 
 import contextlib
+import time
 
 import dask
 from prefect import flow, get_run_logger
 
 from flows.runner import run_on_dask
+from models.distributed import RankLostError, Ranks, free_port
 from models.run import TrainRun
-from tasks.train import train
+from tasks.train import publish, train, train_rank
+from voxelflow.errors import SettingError
+
+# how long the flow waits for enough workers to join (a cluster still starting)
+WORKERS_WAIT_S = 60.0
 
 
 @flow(name="train", description="Train a model on the preprocessed store; register it; promote if better")
 def train_flow(run: TrainRun, gpu: bool = False) -> dict:
-    """``gpu``: run the training task only on a Dask worker started with ``--resources GPU=1``."""
-    annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
-    with annotate:
-        future = train.submit(run)
-    summary = future.result()
-    get_run_logger().info("model %s/%s on %s: validation %s, promoted %s", summary["name"], summary["version"],
-                          summary["device"], {k: summary["validation"].get(k) for k in ("monitor",)},
-                          summary["promoted"])
+    """``gpu``: run the training only on Dask workers started with ``--resources GPU=1``."""
+    if run.world_size > 1:
+        summary = _data_parallel(run, gpu)
+    else:
+        annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
+        with annotate:
+            future = train.submit(run)
+        summary = future.result()
+    get_run_logger().info("model %s/%s on %s: validation %s, promoted %s, %s samples/s", summary["name"],
+                          summary["version"], summary["device"], {k: summary["validation"].get(k) for k in ("monitor",)},
+                          summary["promoted"], summary["throughput"]["samples_per_s"])
     return summary
+
+
+def rank_workers(client, world: int, gpu: bool, wait_s: float = WORKERS_WAIT_S) -> list[tuple[str, str]]:
+    """``(address, host)`` of the ``world`` workers that take the ranks, in a stable order (by
+    name): workers with a ``GPU`` resource when ``gpu``. Waits up to ``wait_s`` for them."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+        fit = sorted(((a, w) for a, w in workers.items() if not gpu or w.get("resources", {}).get("GPU", 0) >= 1),
+                     key=lambda aw: str(aw[1].get("name")))
+        if len(fit) >= world:
+            return [(a, w["host"]) for a, w in fit[:world]]
+        if time.monotonic() > deadline:
+            kind = "Dask workers with a GPU resource" if gpu else "Dask workers"
+            raise SettingError(f"world_size {world} needs {world} {kind}; the cluster at "
+                               f"{client.scheduler.address} has {len(fit)} after {wait_s:.0f} s")
+        time.sleep(1.0)
+
+
+def _data_parallel(run: TrainRun, gpu: bool) -> dict:
+    """One ``train-rank`` task pinned to each chosen worker, rendezvous at rank 0's host; a
+    worker that leaves the cluster (its process killed, its machine gone) fails the run at once,
+    naming it; a rank that fails fails the run with its reason."""
+    from prefect.context import FlowRunContext
+
+    client = FlowRunContext.get().task_runner.client
+    workers = rank_workers(client, run.world_size, gpu)
+    head = workers[0][0]
+    port = client.run(free_port, workers=[head])[head]
+    init = f"tcp://{workers[0][1]}:{port}"
+    log = get_run_logger()
+    log.info("data-parallel training on %d workers (%s), rendezvous %s", run.world_size,
+             ", ".join(a for a, _ in workers), init)
+    futures = []
+    for rank, (address, host) in enumerate(workers):
+        on_host = [a for a, h in workers if h == host]
+        pin = {"workers": [address], "allow_other_workers": False} | ({"resources": {"GPU": 1}} if gpu else {})
+        with dask.annotate(**pin):
+            futures.append(train_rank.submit(run, Ranks(rank, run.world_size, init, run.rank_timeout_s),
+                                             on_host.index(address), len(on_host)))
+    results = _await_ranks(client, futures, [a for a, _ in workers])
+    summary = results[0]
+    table = [{"rank": r, "worker": a, "device": res["device"],
+              "samples_per_s": summary["throughput"]["rank_samples_per_s"][r]}
+             for r, ((a, _), res) in enumerate(zip(workers, results))]
+    publish(summary, table)
+    return summary | {"ranks": table}
+
+
+def _await_ranks(client, futures: list, addresses: list[str], poll_s: float = 1.0) -> list[dict]:
+    """The ranks' results once all are done; raises as soon as one fails or its worker leaves."""
+    pending = dict(enumerate(futures))
+    results: dict[int, dict] = {}
+    while pending:
+        for rank, future in list(pending.items()):
+            if future.wrapped_future.done():
+                results[rank] = future.result()  # raises the rank's own error
+                del pending[rank]
+        if not pending:
+            break
+        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        lost = [(r, addresses[r]) for r in pending if addresses[r] not in alive]
+        if lost:
+            for future in pending.values():
+                future.wrapped_future.cancel()
+            r, address = lost[0]
+            raise RankLostError(f"rank {r} of {len(futures)}: its Dask worker {address} left the cluster "
+                                "during training (process killed or machine lost); the run is not registered "
+                                "and resumes from its last checkpoint when started again")
+        time.sleep(poll_s)
+    return [results[r] for r in range(len(futures))]
 
 
 def run_train(run: TrainRun, gpu: bool | None = None, **kwargs) -> dict:
     """Run on Dask; ``gpu=None`` asks for a GPU worker when this machine has a GPU (the local
-    cluster then declares one)."""
+    cluster then declares one). A local cluster has at least one worker per rank."""
     from flows.runtime import use_gpu
 
+    if run.world_size > 1 and not kwargs.get("dask_address"):
+        kwargs["n_workers"] = max(kwargs.get("n_workers") or 0, run.world_size)
     return run_on_dask(train_flow, run, gpu=use_gpu(gpu), **kwargs)

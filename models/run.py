@@ -8,9 +8,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+from models import distributed
 from models.config import TrainConfig
+from models.distributed import SINGLE, Ranks
 from models.tasks import RunData, task_for
 from models.train import fit
 from voxelflow import location, registry
@@ -36,12 +38,22 @@ class TrainRun(BaseModel):
     augmentation: AugmentConfig = AugmentConfig(flip_prob=0.0, elastic_prob=0.0, gamma=(1.0, 1.0), contrast=(1.0, 1.0),
                                                 noise_std=(0.0, 0.0), bias_prob=0.0)
     label_name: str = "segmentation"
+    # data-parallel ranks (one per Dask worker, each with its share of every epoch's patches:
+    # world_size times the samples of one rank per epoch)
+    world_size: int = Field(1, ge=1)
+    # how long a rank waits for the others at a collective before the run fails (covers rank
+    # 0's whole-volume validation of an epoch)
+    rank_timeout_s: float = Field(600.0, gt=0)
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (the registry version id is its digest): every
-        setting but the store, the training settings in their flat form (ids stay those of
-        runs configured before the settings had parts)."""
-        return self.model_dump(exclude={"store"}) | {"train": self.train.flat()}
+        setting but the store and the rank timeout, the training settings in their flat form
+        (ids stay those of runs configured before the settings had parts); settings added
+        since count only when set away from their default, so older ids stay."""
+        out = self.model_dump(exclude={"store", "rank_timeout_s"}) | {"train": self.train.flat()}
+        if out["world_size"] == 1:
+            del out["world_size"]
+        return out
 
 
 # A classifier's augmentation of choice on a CPU (the demo's, bench/classifier.py's default):
@@ -74,8 +86,14 @@ def _datasets(run: TrainRun):
     return train, val
 
 
-def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = None) -> dict[str, Any]:
-    """Train (resuming if this exact run was interrupted), evaluate, register, promote."""
+def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = None,
+                ranks: Ranks = SINGLE) -> dict[str, Any]:
+    """Train (resuming if this exact run was interrupted), evaluate, register, promote.
+
+    With several ``ranks`` every rank calls this: all train; rank 0 then evaluates, registers
+    and returns the summary, the others return their rank's figures."""
+    if ranks.world != run.world_size:
+        raise SettingError(f"rank {ranks.rank} of {ranks.world} started for a run of world_size {run.world_size}")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = run.train
     name = run.name or c.task
@@ -86,8 +104,14 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
     data = _run_data(run, train.classes, device, folder)
     counts, num_classes = task_for(c).class_counts(data)
     task = task_for(c, num_classes)
-    result = fit(c, train, val, folder, num_classes=num_classes, class_counts=counts, device=device,
-                 on_epoch=on_epoch, validator=task.volume_validator(data))
+    with distributed.joined(ranks, device):
+        result = fit(c, train, val, folder, num_classes=num_classes, class_counts=counts, device=device,
+                     on_epoch=on_epoch, validator=task.volume_validator(data), ranks=ranks)
+    if not ranks.main:
+        last = result["history"][-1] if result["history"] else {}
+        return {"name": name, "version": version, "rank": ranks.rank, "device": str(device),
+                "samples_per_s": (last.get("rank_samples_per_s") or [None] * ranks.world)[ranks.rank],
+                "weights_digest": result["weights_digest"], "stopped": result["stopped"]}
     location.write_bytes(folder / "weights.pt", location.read_bytes(folder / "best.pt"))
     best = location.torch_load(folder / "weights.pt", map_location=device, weights_only=True)
     nets = task.networks()
@@ -99,7 +123,9 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
     threshold = best_row.get("threshold")  # tuned by the validator on the best epoch's volumes
     with torch.no_grad():
         test_metrics = task.evaluate(data, nets, threshold)
-    metrics = {"validation": best_row, "test": test_metrics, "history": history, "stopped": result["stopped"]}
+    throughput = _throughput(history, ranks.world)
+    metrics = {"validation": best_row, "test": test_metrics, "history": history, "stopped": result["stopped"],
+               "throughput": throughput}
     config = run.model_dump(exclude={"store"}) | {"classes": train.classes, "threshold": threshold}
     monitor = task.monitor_key()
     registry.register(run.store, name, version, config=config, snapshot=snapshot, metrics=metrics, monitor=monitor)
@@ -107,7 +133,17 @@ def train_model(run: TrainRun, *, on_epoch=None, device: torch.device | None = N
     _curve(history, folder / "curve.png", f"validation {monitor if monitor != 'monitor' else '-stat distance'}")
     return {"name": name, "version": version, "folder": str(folder), "promoted": promoted, "device": str(device),
             "best_epoch": result["best_epoch"], "validation": best_row, "test": test_metrics,
-            "epochs": len(history), "stopped": result["stopped"]}
+            "epochs": len(history), "stopped": result["stopped"], "throughput": throughput,
+            **({"weights_digest": result["weights_digest"]} if "weights_digest" in result else {})}
+
+
+def _throughput(history: list[dict], world: int) -> dict[str, Any]:
+    """Samples per second over the run (median over epochs: the first carries the start-up),
+    in all and per rank, and the median data-wait share of the slowest rank."""
+    ranks = [h.get("rank_samples_per_s") or [h["samples_per_s"]] for h in history]
+    per_rank = [round(float(np.median([r[i] for r in ranks])), 2) for i in range(world)] if history else []
+    return {"world_size": world, "samples_per_s": round(sum(per_rank), 2), "rank_samples_per_s": per_rank,
+            "data_wait_share": round(float(np.median([h["data_wait_share"] for h in history])), 4) if history else 0.0}
 
 
 def _curve(history: list[dict], path, monitor_label: str) -> None:

@@ -1,8 +1,10 @@
-"""Training task: one model on one Dask worker (a GPU worker when asked), with per-epoch
-progress and the metrics table, curve and sample images as Prefect artifacts."""
+"""Training tasks: one model on one Dask worker (a GPU worker when asked), or one rank of a
+data-parallel run; per-epoch progress, and the metrics table, curve and sample images as
+Prefect artifacts (rank 0's, for a data-parallel run)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -15,14 +17,26 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NO_CACHE
 
+from models.distributed import Ranks
 from models.run import TrainRun, train_model
 from voxelflow import location
 from tasks.artifacts import png_markdown
 from tasks.retry import RETRY
 
 
-@task(name="train-model", cache_policy=NO_CACHE, **RETRY)
-def train(run: TrainRun) -> dict:
+def _threads(share: int) -> None:
+    """Dask workers run one thread each (right for many conversions at once); a training run
+    takes this machine's cores, split between the ``share`` ranks it runs here
+    (VOXELFLOW_TRAIN_THREADS caps it)."""
+    if torch.cuda.is_available():
+        return
+    threads = int(os.environ.get("VOXELFLOW_TRAIN_THREADS", 0)) or max(1, len(os.sched_getaffinity(0)) // share)
+    torch.set_num_threads(threads)
+    get_run_logger().info("training on CPU with %d threads", threads)
+
+
+def _progress(run: TrainRun):
+    """The run's progress artifact and the per-epoch callback that updates it and logs."""
     log = get_run_logger()
     progress = create_progress_artifact(progress=0.0, description=f"training {run.name or run.train.task}")
 
@@ -31,16 +45,15 @@ def train(run: TrainRun) -> dict:
         log.info("epoch %d: loss %.4f, validation %.4f, %.1f samples/s, data wait %.0f%%", row["epoch"],
                  row["train_loss"], row["monitor"], row["samples_per_s"], 100 * row["data_wait_share"])
 
-    if not torch.cuda.is_available():
-        # Dask workers run one thread each (right for many conversions at once); a training run
-        # is its flow's only task, so it takes the machine's cores (VOXELFLOW_TRAIN_THREADS caps it).
-        threads = int(os.environ.get("VOXELFLOW_TRAIN_THREADS", 0)) or len(os.sched_getaffinity(0))
-        torch.set_num_threads(threads)
-        log.info("training on CPU with %d threads", threads)
-    summary = train_model(run, on_epoch=on_epoch)
-    update_progress_artifact(progress, 100.0)
+    return progress, on_epoch
+
+
+def publish(summary: dict, ranks: list[dict] | None = None) -> None:
+    """The finished run's artifacts: metrics per epoch, test metrics, curve, samples and, for a
+    data-parallel run, each rank's worker, device and throughput."""
     key = f"train-{summary['name']}".lower().replace("_", "-")
-    history = __import__("json").loads((location.path(summary["folder"]) / "model.json").read_text())["metrics"]["history"]
+    folder = location.path(summary["folder"])
+    history = json.loads((folder / "model.json").read_text())["metrics"]["history"]
     create_table_artifact(key=f"{key}-epochs", table=[{k: (round(v, 4) if isinstance(v, float) else v)
                                                         for k, v in r.items()} for r in history],
                           description=f"{summary['name']} {summary['version']}: metrics per epoch")
@@ -48,8 +61,37 @@ def train(run: TrainRun) -> dict:
     create_table_artifact(key=f"{key}-test", table=[{"metric": k, "value": v} for k, v in test.items()],
                           description=f"{summary['name']} {summary['version']}: test split "
                                       f"(promoted: {summary['promoted']})")
-    folder = location.path(summary["folder"])
+    if ranks:
+        t = summary["throughput"]
+        create_table_artifact(key=f"{key}-ranks", table=ranks,
+                              description=f"{summary['name']} {summary['version']}: {t['world_size']} ranks, "
+                                          f"{t['samples_per_s']} samples/s in all")
     create_markdown_artifact(key=f"{key}-curve", markdown=png_markdown(folder / "curve.png", "Training curve"))
     if (folder / "samples.png").exists():
         create_markdown_artifact(key=f"{key}-samples", markdown=png_markdown(folder / "samples.png", "Samples"))
+
+
+@task(name="train-model", cache_policy=NO_CACHE, **RETRY)
+def train(run: TrainRun) -> dict:
+    progress, on_epoch = _progress(run)
+    _threads(1)
+    summary = train_model(run, on_epoch=on_epoch)
+    update_progress_artifact(progress, 100.0)
+    publish(summary)
     return summary
+
+
+# no retries: a rank run again alone cannot rejoin the others (the flow runs the ranks again)
+@task(name="train-rank", cache_policy=NO_CACHE, task_run_name="train-rank-{ranks.rank}")
+def train_rank(run: TrainRun, ranks: Ranks, local_rank: int, local_ranks: int) -> dict:
+    """Rank ``ranks.rank`` of a data-parallel run, the ``local_rank``-th of ``local_ranks`` ranks on
+    this machine (its GPU: that index among the GPUs this worker sees)."""
+    device = torch.device("cpu")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    _threads(local_ranks)
+    progress, on_epoch = _progress(run) if ranks.main else (None, None)
+    summary = train_model(run, on_epoch=on_epoch, device=device, ranks=ranks)
+    if progress is not None:
+        update_progress_artifact(progress, 100.0)
+    return summary | {"worker_pid": os.getpid()}

@@ -57,11 +57,17 @@ def test_the_version_id_of_a_run_is_that_of_its_flat_settings():
     from voxelflow import registry
 
     run = TrainRun(store="s", version="v", train=TrainConfig(epochs=3))
-    before = TrainRun(store="s", version="v").model_dump(exclude={"store", "train"}) | \
+    # the run's fields before the settings had parts (and before world_size, rank_timeout_s)
+    added = {"world_size", "rank_timeout_s"}
+    before = TrainRun(store="s", version="v").model_dump(exclude={"store", "train"} | added) | \
         {"train": FLAT_DEFAULTS | {"epochs": 3}}
     snapshot = {"catalog_digest": "d"}
     assert registry.version_id(run.identity(), snapshot) == registry.version_id(json.loads(json.dumps(before)),
                                                                                snapshot)
+    # a setting added since changes the id once set: two ranks train another model
+    assert registry.version_id(run.model_copy(update={"world_size": 2}).identity(), snapshot) != \
+        registry.version_id(run.identity(), snapshot)
+    assert run.model_copy(update={"rank_timeout_s": 5.0}).identity() == run.identity()
 
 
 def test_an_unknown_task_is_refused_naming_the_known_ones(tmp_path):

@@ -8,7 +8,8 @@
   locations preprocessing sampled), otherwise anywhere in the volume;
 * ``class_balanced=True`` draws the volume's class uniformly first (for imbalanced
   classification), then a volume of that class;
-* sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)``: the same patches whatever the
+* sample ``i`` of epoch ``e`` depends only on ``(seed, e, i)`` (a data-parallel rank's share,
+  ``shard``, draws every ``world``-th of them): the same patches whatever the
   number of DataLoader workers or their order; arrays are opened lazily in each worker
   process, so the dataset is safe to send to worker processes;
 * the store can be a local path, an fsspec URL or a zarr ``Store`` object;
@@ -23,8 +24,9 @@
 
 from __future__ import annotations
 
-import os
+import copy
 import itertools
+import os
 from collections import OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,6 +99,7 @@ class ZarrPatchDataset(Dataset):
         self.classes = classes or sorted({e.label for e in entries if e.label is not None})
         self.seed = seed
         self.epoch = 0
+        self.rank, self.world = 0, 1  # a data-parallel rank's share: ``shard``
         self.transform = transform
         self.class_from_label = class_from_label
         self.focus = focus
@@ -127,6 +130,16 @@ class ZarrPatchDataset(Dataset):
         """Other patches in another epoch (call from the training loop)."""
         self.epoch = epoch
 
+    def shard(self, rank: int, world: int) -> ZarrPatchDataset:
+        """Rank ``rank``'s share of ``world`` data-parallel ranks: its sample ``i`` is sample
+        ``i * world + rank`` of the whole epoch (``world`` times this dataset's length), so every
+        rank draws other patches and each is still a pure function of (seed, epoch, rank, i)."""
+        if not 0 <= rank < world:
+            raise SettingError(f"rank {rank} is not one of {world} ranks")
+        out = copy.copy(self)  # through __getstate__: no open arrays or cached chunks shared
+        out.rank, out.world = rank, world
+        return out
+
     def __getstate__(self):
         state = dict(self.__dict__)
         state["_arrays"] = {}  # open arrays and cached chunks stay in the process that read them
@@ -147,7 +160,7 @@ class ZarrPatchDataset(Dataset):
 
     def sample(self, index: int) -> tuple[int, tuple[int, int, int], bool]:
         """``(entry index, patch origin (z, y, x), foreground?)`` of sample ``index``."""
-        rng = np.random.default_rng([self.seed, self.epoch, index])
+        rng = np.random.default_rng([self.seed, self.epoch, index * self.world + self.rank])
         size = np.array(self.patch_size)
         if self._focus_entries and rng.random() < self.focus[1]:
             k = self._focus_entries[int(rng.integers(len(self._focus_entries)))]
