@@ -92,3 +92,85 @@ def test_rank_shards_draw_disjoint_samples_of_one_epoch(preprocessed_store):
     assert whole.sample(0) != shards[1].sample(0)
     with pytest.raises(ValueError, match="rank 3 is not one of 3"):
         whole.shard(3, 3)
+
+
+def _run(store: str, version: str, name: str, **kw):
+    from models.run import TrainRun
+
+    train = TrainConfig(**{**SMALL, "epochs": 2, "val_steps": 1} | kw.pop("train", {}))
+    return TrainRun(store=store, version=version, name=name, train=train, augment=False, world_size=2, **kw)
+
+
+@pytest.mark.slow
+def test_the_train_flow_runs_two_ranks_on_two_workers_and_records_them(preprocessed_store, prefect_server):
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.train import run_train
+    from voxelflow import registry
+
+    store, version = preprocessed_store
+    summary = run_train(_run(store, version, "seg-ddp"), n_workers=2)
+    assert summary["throughput"]["world_size"] == 2 and len(summary["throughput"]["rank_samples_per_s"]) == 2
+    assert [r["rank"] for r in summary["ranks"]] == [0, 1] and len({r["worker"] for r in summary["ranks"]}) == 2
+    info = json.loads((registry.version_dir(store, "seg-ddp", summary["version"]) / "model.json").read_text())
+    assert info["config"]["world_size"] == 2 and info["metrics"]["throughput"]["world_size"] == 2
+    assert all(h["world_size"] == 2 for h in info["metrics"]["history"])
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["train-seg-ddp-ranks"])))
+    assert found and "2 ranks" in found[0].description
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_naming_its_worker_with_nothing_registered(preprocessed_store, prefect_server,
+                                                                                tmp_path):
+    """`dask worker --nworkers 2` as a user starts it; SIGKILL one rank's worker process once
+    both train: the run fails within the timeout with an error naming that worker, and the
+    registry holds no model (the checkpoint stays, to resume from)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from distributed import Client
+
+    from flows.train import rank_workers, run_train
+    from models.distributed import RankLostError
+    from tests.conftest import dask_cli_cluster
+    from voxelflow import registry
+
+    store, version = preprocessed_store
+    run = _run(store, version, "seg-ddp-killed", rank_timeout_s=30.0,
+               train={"epochs": 500, "early_stopping": 1000, "steps_per_epoch": 1})
+    folder = registry.version_dir(store, "seg-ddp-killed",
+                                  registry.version_id(run.identity(), registry.data_snapshot(store, version)))
+    with dask_cli_cluster(tmp_path, prefect_server, ["--nworkers", "2"]) as (sched_file, _):
+        with Client(scheduler_file=str(sched_file), timeout=60) as client:
+            client.wait_for_workers(2, timeout=90)
+            pids = client.run(os.getpid)
+            victim = rank_workers(client, 2, gpu=False)[1][0]
+            outcome: dict = {}
+
+            def train() -> None:
+                try:
+                    outcome["summary"] = run_train(run, dask_address=client.scheduler.address)
+                except Exception as exc:  # noqa: BLE001 - the test inspects it
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=train, daemon=True)
+            thread.start()
+            deadline = time.monotonic() + 180
+            while not (folder / "checkpoint.pt").exists():  # both ranks have trained an epoch
+                assert time.monotonic() < deadline and thread.is_alive(), outcome
+                time.sleep(0.5)
+            os.kill(pids[victim], signal.SIGKILL)
+            killed = time.monotonic()
+            thread.join(timeout=120)
+    assert not thread.is_alive(), "the run hung after a rank was killed"
+    assert time.monotonic() - killed < run.rank_timeout_s + 60
+    error = outcome.get("error")
+    assert isinstance(error, RankLostError), outcome
+    assert victim in str(error) and "rank 1" in str(error)
+    assert not (folder / "model.json").exists() and registry.current(store, "seg-ddp-killed") is None
