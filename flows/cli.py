@@ -188,7 +188,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     default = TrainRun.model_fields["augmentation"].default  # the training default (spatial only)
     augmentation = type(default)(**default.model_dump() | _key_values(args.augment, "AugmentConfig",
                                                                       set(type(default).model_fields)))
-    ranks = {"world_size": args.world_size} | ({"rank_timeout_s": args.rank_timeout} if args.rank_timeout else {})
+    ranks = {"world_size": args.world_size, "folds": args.folds} | \
+        ({"rank_timeout_s": args.rank_timeout} if args.rank_timeout else {})
     run = TrainRun(store=args.store, version=args.version, name=args.name, train=TrainConfig(**settings),
                    augment=not args.no_augment, augmentation=augmentation, **ranks)
     api = _prefect_api()
@@ -197,6 +198,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = run_train(run, gpu=args.gpu, dask_address=args.dask_address, n_workers=args.workers,
                         api_url=api.api_url)
     test = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary["test"].items()}
+    for row in summary.get("table", []):  # cross-validation: each fold, then mean and sd
+        print("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v != ""))
     t = summary["throughput"]
     ranks_note = f", {t['world_size']} ranks" if t["world_size"] > 1 else ""
     print(f"model {summary['name']}/{summary['version']} ({summary['epochs']} epochs on {summary['device']}{ranks_note}, "
@@ -223,14 +226,17 @@ def _key_values(items: list[str] | None, what: str, known: set[str]) -> dict:
 def cmd_infer(args: argparse.Namespace) -> int:
     from models.infer import InferConfig
 
+    if args.ensemble and args.model:
+        raise ConfigurationError("--ensemble predicts with a cross-validated run's folds; --model names one version")
     config = InferConfig(store=args.store, name=args.name, version=args.model, split=args.split or None,
-                         volumes=args.volume or None)
+                         volumes=args.volume or None, ensemble=args.ensemble)
     api = _prefect_api()
     from flows.infer import run_infer
 
     summary = run_infer(config, gpu=args.gpu, dask_address=args.dask_address, n_workers=args.workers,
                         api_url=api.api_url)
-    print(f"model {summary['model']}/{summary['version']}: {summary['predicted']} volumes predicted, "
+    members = f" (ensemble of {', '.join(summary['members'])})" if summary.get("members") else ""
+    print(f"model {summary['model']}/{summary['version']}{members}: {summary['predicted']} volumes predicted, "
           f"{summary['skipped']} already done, {summary['lesions']} lesions in catalog/lesions.parquet")
     if args.export:
         from voxelflow import catalog
@@ -459,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu", action="store_true", default=None, help="run on a Dask worker with resource GPU")
     p.add_argument("--world-size", type=int, default=1, metavar="N",
                    help="data-parallel ranks, one per Dask worker (with --gpu: one per GPU worker)")
+    p.add_argument("--folds", type=int, default=None, metavar="K",
+                   help="k-fold cross-validation inside the train split: K models, trained in parallel")
     p.add_argument("--rank-timeout", type=float, default=None, metavar="S",
                    help="seconds a rank waits for the others before the run fails (default 600)")
     add_dask(p)
@@ -468,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("store")
     p.add_argument("--name", default="segmentation", help="registry name of the model")
     p.add_argument("--model", help="model version (default: the registry's current one)")
+    p.add_argument("--ensemble", nargs="?", const="latest", default=None, metavar="GROUP",
+                   help="predict with the mean probabilities of a cross-validated run's folds "
+                        "(default: the newest run trained with --folds)")
     p.add_argument("--split", help="only volumes of this split")
     p.add_argument("--volume", action="append", help="only this volume (repeatable)")
     p.add_argument("--export", help="also write segmentation predictions as NIfTI into this folder")

@@ -43,7 +43,7 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
                                                                       f"Grad-CAM {r['volume_id']}: {r['prediction']}")
                                                         for r in qc[:6]))
     return {"model": config.name, "version": info["version"], "predicted": len(rows), "skipped": len(done),
-            "lesions": len(lesions)}
+            "lesions": len(lesions), **({"members": info["members"]} if "members" in info else {})}
 
 
 def run_infer(config: infer.InferConfig, gpu: bool | None = None, **kwargs) -> dict:

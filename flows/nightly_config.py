@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from voxelflow.errors import ConfigurationError
 
@@ -28,6 +28,16 @@ class ModelSpec(BaseModel):
     name: str
     task: str = "segmentation"
     settings: dict[str, Any] = Field(default_factory=dict)
+    world_size: int = Field(1, ge=1)  # data-parallel ranks (Dask workers) per model
+    folds: int | None = Field(None, ge=2)  # k-fold cross-validation inside the train split
+    # infer with the ensemble of the folds (mean probabilities); needs folds
+    ensemble: bool = False
+
+    @model_validator(mode="after")
+    def _ensemble_of_folds(self) -> ModelSpec:
+        if self.ensemble and not self.folds:
+            raise ValueError(f"model {self.name!r}: ensemble inference needs folds")
+        return self
 
     def predicts(self) -> bool:
         """Whether this model's task predicts stored volumes (bulk inference runs for it)."""
@@ -83,13 +93,13 @@ class NightlyConfig(BaseModel):
         from models.config import TrainConfig, undot
         from models.run import TrainRun
 
-        return TrainRun(store=self.store, version=version, name=spec.name,
-                        train=TrainConfig(**({"task": spec.task} | undot(spec.settings))))
+        return TrainRun(store=self.store, version=version, name=spec.name, world_size=spec.world_size,
+                        folds=spec.folds, train=TrainConfig(**({"task": spec.task} | undot(spec.settings))))
 
     def infer_config(self, spec: ModelSpec):
         from models.infer import InferConfig
 
-        return InferConfig(store=self.store, name=spec.name)
+        return InferConfig(store=self.store, name=spec.name, ensemble="latest" if spec.ensemble else None)
 
 
 def attach_labels(config: NightlyConfig) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import time
 
 import dask
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
 
 from flows.runner import run_on_dask
 from models.distributed import RankLostError, Ranks, free_port
@@ -17,12 +18,16 @@ from voxelflow.errors import SettingError
 
 # how long the flow waits for enough workers to join (a cluster still starting)
 WORKERS_WAIT_S = 60.0
+# how long a rank's failure waits for the scheduler to notice another rank's worker is gone
+LOST_WORKER_WAIT_S = 10.0
 
 
 @flow(name="train", description="Train a model on the preprocessed store; register it; promote if better")
 def train_flow(run: TrainRun, gpu: bool = False) -> dict:
     """``gpu``: run the training only on Dask workers started with ``--resources GPU=1``."""
-    if run.world_size > 1:
+    if run.folds and run.fold is None:
+        summary = _cross_validate(run, gpu)
+    elif run.world_size > 1:
         summary = _data_parallel(run, gpu)
     else:
         annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
@@ -32,6 +37,36 @@ def train_flow(run: TrainRun, gpu: bool = False) -> dict:
     get_run_logger().info("model %s/%s on %s: validation %s, promoted %s, %s samples/s", summary["name"],
                           summary["version"], summary["device"], {k: summary["validation"].get(k) for k in ("monitor",)},
                           summary["promoted"], summary["throughput"]["samples_per_s"])
+    return summary
+
+
+def _cross_validate(run: TrainRun, gpu: bool) -> dict:
+    """The folds in parallel, one training task each on any worker (a GPU worker with
+    ``gpu``); data-parallel folds one after another, each on all its ranks (two folds' ranks
+    pinned to the same workers could each wait for the other's). Then the group is recorded
+    and its table published."""
+    from prefect.context import FlowRunContext
+
+    from models import crossval
+
+    folds = run.fold_runs()
+    if run.world_size > 1:
+        summaries = [_data_parallel(f, gpu) for f in folds]
+    else:
+        workers = FlowRunContext.get().task_runner.client.scheduler_info(n_workers=-1)["workers"].values()
+        per_host: dict[str, int] = {}
+        for w in workers:
+            per_host[w["host"]] = per_host.get(w["host"], 0) + 1
+        share = min(len(folds), max(per_host.values(), default=1))  # folds training at once on one machine
+        annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
+        with annotate:
+            futures = [train.with_options(task_run_name=f"train-fold-{f.fold}").submit(f, share) for f in folds]
+        summaries = [f.result() for f in futures]
+    summary = crossval.record(run, summaries)
+    create_table_artifact(key=f"train-{summary['name']}-folds".lower().replace("_", "-"), table=[
+        {k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in summary["table"]],
+        description=f"{summary['name']} {summary['group']}: {run.folds}-fold cross-validation, "
+                    f"mean and sd over the folds")
     return summary
 
 
@@ -86,22 +121,37 @@ def _await_ranks(client, futures: list, addresses: list[str], poll_s: float = 1.
     """The ranks' results once all are done; raises as soon as one fails or its worker leaves."""
     pending = dict(enumerate(futures))
     results: dict[int, dict] = {}
+
+    def lost() -> RankLostError | None:
+        alive = set(client.scheduler_info(n_workers=-1)["workers"])
+        gone = [r for r in pending if addresses[r] not in alive]
+        if not gone:
+            return None
+        for future in pending.values():
+            future.wrapped_future.cancel()
+        return RankLostError(f"rank {gone[0]} of {len(futures)}: its Dask worker {addresses[gone[0]]} left the "
+                             "cluster during training (process killed or machine lost); the run is not registered "
+                             "and resumes from its last checkpoint when started again")
+
     while pending:
         for rank, future in list(pending.items()):
             if future.wrapped_future.done():
-                results[rank] = future.result()  # raises the rank's own error
+                try:
+                    results[rank] = future.result()
+                except Exception:
+                    # a peer's death reaches the others as a broken connection, often before the
+                    # scheduler has seen the worker go: give it a moment, then name the lost one
+                    del pending[rank]
+                    for _ in range(int(LOST_WORKER_WAIT_S / poll_s)):
+                        if (error := lost()) is not None:
+                            raise error from None
+                        time.sleep(poll_s)
+                    raise  # this rank's own failure
                 del pending[rank]
         if not pending:
             break
-        alive = set(client.scheduler_info(n_workers=-1)["workers"])
-        lost = [(r, addresses[r]) for r in pending if addresses[r] not in alive]
-        if lost:
-            for future in pending.values():
-                future.wrapped_future.cancel()
-            r, address = lost[0]
-            raise RankLostError(f"rank {r} of {len(futures)}: its Dask worker {address} left the cluster "
-                                "during training (process killed or machine lost); the run is not registered "
-                                "and resumes from its last checkpoint when started again")
+        if (error := lost()) is not None:
+            raise error
         time.sleep(poll_s)
     return [results[r] for r in range(len(futures))]
 

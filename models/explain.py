@@ -20,7 +20,11 @@ def gradcam_volume(model, image: torch.Tensor, patch_size, class_index: int, tar
     2-D network's maps."""
     from monai.visualize import GradCAM
 
-
+    members = getattr(model, "members", None)
+    if members is not None:  # an ensemble (models.ensemble): the mean of its members' maps
+        mean = np.mean([gradcam_volume(m, image, patch_size, class_index, target_layer) for m in members], 0)
+        top = mean.max()
+        return mean / top if top > 0 else mean
     planar = isinstance(model, Planar)
     cam = GradCAM(nn_module=model.net if planar else model, target_layers=target_layer)
     z, y, x = image.shape[-3:]

@@ -29,6 +29,12 @@ __all__ = ["InferConfig", "Predictor", "model_info", "load_predictor", "plan", "
 
 
 def model_info(config: InferConfig) -> dict[str, Any]:
+    """The registry entry of the model ``config`` predicts with: a version (default: the
+    current one) or, with ``ensemble``, a cross-validated run's folds (``models.ensemble``)."""
+    if config.ensemble:
+        from models.ensemble import ensemble_info
+
+        return ensemble_info(config.store, config.name, None if config.ensemble == "latest" else config.ensemble)
     version = config.version or (registry.current(config.store, config.name) or {}).get("version")
     if not version:
         raise NotInStoreError(f"no model {config.name!r} in {config.store} (train one, or pass --model VERSION)")
@@ -36,12 +42,21 @@ def model_info(config: InferConfig) -> dict[str, Any]:
 
 
 def load_predictor(config: InferConfig, info: dict[str, Any], device: torch.device) -> Predictor:
-    """The registered model on ``device`` in eval mode, wrapped in its task's predictor."""
+    """The registered model (or ensemble) on ``device`` in eval mode, wrapped in its task's
+    predictor."""
     train = TrainConfig(**info["config"]["train"])
-    weights = location.torch_load(registry.version_dir(config.store, config.name, info["version"]) / "weights.pt",
-                                  map_location=device, weights_only=True)
-    task = task_for(train, _num_classes(weights["model"]))
-    model = task.deployed(weights).to(device).eval()
+    members = []
+    for version in info.get("members") or [info["version"]]:
+        weights = location.torch_load(registry.version_dir(config.store, config.name, version) / "weights.pt",
+                                      map_location=device, weights_only=True)
+        task = task_for(train, _num_classes(weights["model"]))
+        members.append(task.deployed(weights).to(device).eval())
+    if "members" in info:
+        from models.ensemble import MeanProbabilities
+
+        model = MeanProbabilities(members).to(device).eval()
+    else:
+        model = members[0]
     return task.predictor(config, info, model, device)
 
 
@@ -138,4 +153,4 @@ def run_local(config: InferConfig) -> dict[str, Any]:
     rows, lesions = infer_volumes(load_predictor(config, info, device), todo)
     write_catalog(config.store, rows, lesions)
     return {"model": config.name, "version": info["version"], "predicted": len(rows), "skipped": len(done),
-            "lesions": len(lesions)}
+            "lesions": len(lesions), **({"members": info["members"]} if "members" in info else {})}

@@ -38,6 +38,9 @@ class InferConfig(BaseModel):
     # Grad-CAM maps (and QC images) for classifiers: of every volume, of the volumes predicted
     # as the model's positive class (a finding to look at; every volume when it has none), or none
     explain: Literal["all", "positive", "none"] = "positive"
+    # predict with the ensemble of a cross-validated run's folds: "latest" (the newest run of
+    # ``name``) or its group id; None: one version
+    ensemble: str | None = None
 
 
 class Predictor:
@@ -47,6 +50,9 @@ class Predictor:
                  num_classes: int, device: torch.device):
         self.config, self.info, self.model, self.train = config, info, model, train
         self.num_classes, self.device = num_classes, device
+        # an ensemble's members (``models.ensemble``), else the model alone: predictors average
+        # the members' probabilities of a whole volume, each as that member alone would give them
+        self.members = list(getattr(model, "members", [model]))
 
     @property
     def version(self) -> str:
@@ -91,4 +97,4 @@ class Predictor:
         return {"volume_id": volume_id, "model": self.config.name, "version": self.version, "task": self.train.task,
                 "label_name": None, "classes": [], "probabilities": [], "prediction": None, "qc_image": None,
                 "created_at": datetime.now(timezone.utc).replace(microsecond=0),
-                "input_digest": pre.attributes.get("digest")}
+                "input_digest": pre.attributes.get("digest"), "members": self.info.get("members")}

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from models import distributed
 from models.config import TrainConfig
@@ -44,6 +44,26 @@ class TrainRun(BaseModel):
     # how long a rank waits for the others at a collective before the run fails (covers rank
     # 0's whole-volume validation of an epoch)
     rank_timeout_s: float = Field(600.0, gt=0)
+    # k-fold cross-validation inside the train split (patient-level, stratified as the split):
+    # ``folds`` models, fold ``fold`` validated on its own patients and trained on the others
+    folds: int | None = Field(None, ge=2)
+    fold: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _fold_of_folds(self) -> TrainRun:
+        if self.fold is not None and (self.folds is None or self.fold >= self.folds):
+            raise SettingError(f"fold {self.fold} needs folds > {self.fold} (folds: {self.folds})")
+        return self
+
+    def fold_runs(self) -> list[TrainRun]:
+        """One run per fold of a cross-validated run."""
+        if not self.folds:
+            raise SettingError("fold_runs: this run has no folds")
+        return [self.model_copy(update={"fold": k}) for k in range(self.folds)]
+
+    def group_identity(self) -> dict[str, Any]:
+        """What the folds of one cross-validated run share (its group id is its digest)."""
+        return self.identity() | {"fold": None}
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (the registry version id is its digest): every
@@ -51,8 +71,9 @@ class TrainRun(BaseModel):
         (ids stay those of runs configured before the settings had parts); settings added
         since count only when set away from their default, so older ids stay."""
         out = self.model_dump(exclude={"store", "rank_timeout_s"}) | {"train": self.train.flat()}
-        if out["world_size"] == 1:
-            del out["world_size"]
+        for key, default in (("world_size", 1), ("folds", None), ("fold", None)):
+            if out[key] == default:
+                del out[key]
         return out
 
 
@@ -62,25 +83,40 @@ class TrainRun(BaseModel):
 FLIPS_ONLY = {"rotate_deg": 0.0, "scale": [1.0, 1.0], "translate_vox": 0.0, "flip_prob": 0.5}
 
 
+def fold_volumes(run: TrainRun) -> dict[str, frozenset[str]] | None:
+    """A fold's training and validation volumes (``voxelflow.labels.make_folds``, seeded by
+    the run's seed), or None for a run on the catalog's splits."""
+    if run.fold is None:
+        return None
+    from voxelflow.labels import make_folds
+
+    folds = make_folds(run.store, run.folds, seed=run.train.optimisation.seed)
+    return {"train": frozenset(v for v, k in folds.items() if k != run.fold),
+            "validation": frozenset(v for v, k in folds.items() if k == run.fold)}
+
+
 def _run_data(run: TrainRun, classes: list[str], device: torch.device, folder) -> RunData:
-    return RunData(run.store, run.version, run.label_name, classes, device, folder)
+    return RunData(run.store, run.version, run.label_name, classes, device, folder, fold_volumes(run))
 
 
 def _datasets(run: TrainRun):
-    """The training and validation patch datasets of ``run``."""
+    """The training and validation patch datasets of ``run`` (of its fold, for a fold)."""
+    fold = fold_volumes(run)
+    where = {split: ({"split": "train", "volumes": fold[split]} if fold else {"split": split})
+             for split in ("train", "validation")}
     c, s = run.train, run.train.sampling
     task = task_for(c)
     kw = task.sampling()
     seed = c.optimisation.seed
     transform = OnTheFly(run.augmentation, seed=seed) if run.augment else None
     label = run.label_name if task.uses_label else None
-    train = patch_dataset(run.store, s.patch_size, version=run.version, split="train",
+    train = patch_dataset(run.store, s.patch_size, version=run.version, **where["train"],
                           samples_per_epoch=s.steps_per_epoch * s.batch_size, seed=seed, transform=transform,
                           label_name=label, cache_mb=s.cache_mb, **kw)
     if kw.get("focus") and not train._focus_entries:
         raise SettingError(f"positive_label {s.positive_label}: no training volume has voxels of that label "
                            f"(preprocessed copy {run.version})")
-    val = patch_dataset(run.store, s.patch_size, version=run.version, split="validation",
+    val = patch_dataset(run.store, s.patch_size, version=run.version, **where["validation"],
                         samples_per_epoch=s.val_steps * s.batch_size, seed=seed + 1, label_name=label,
                         cache_mb=s.cache_mb, **kw)
     return train, val

@@ -38,7 +38,8 @@ def _threads(share: int) -> None:
 def _progress(run: TrainRun):
     """The run's progress artifact and the per-epoch callback that updates it and logs."""
     log = get_run_logger()
-    progress = create_progress_artifact(progress=0.0, description=f"training {run.name or run.train.task}")
+    fold = f" fold {run.fold} of {run.folds}" if run.fold is not None else ""
+    progress = create_progress_artifact(progress=0.0, description=f"training {run.name or run.train.task}{fold}")
 
     def on_epoch(row: dict) -> None:
         update_progress_artifact(progress, 100.0 * row["epoch"] / run.train.optimisation.epochs)
@@ -72,9 +73,11 @@ def publish(summary: dict, ranks: list[dict] | None = None) -> None:
 
 
 @task(name="train-model", cache_policy=NO_CACHE, **RETRY)
-def train(run: TrainRun) -> dict:
+def train(run: TrainRun, share: int = 1) -> dict:
+    """``share``: training runs at once on this machine (cross-validation folds), which split
+    its cores."""
     progress, on_epoch = _progress(run)
-    _threads(1)
+    _threads(share)
     summary = train_model(run, on_epoch=on_epoch)
     update_progress_artifact(progress, 100.0)
     publish(summary)

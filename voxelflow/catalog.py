@@ -78,6 +78,7 @@ PREDICTION_SCHEMA = pa.schema([
     ("label_name", pa.string()), ("classes", pa.list_(pa.string())), ("probabilities", pa.list_(pa.float64())),
     ("prediction", pa.string()), ("qc_image", pa.string()), ("created_at", pa.timestamp("s", tz="UTC")),
     ("input_digest", pa.string()),  # the preprocessed volume's content digest the model saw
+    ("members", pa.list_(pa.string())),  # an ensemble's member versions (None: one version)
 ])
 LESION_SCHEMA = pa.schema([
     ("volume_id", pa.string()), ("model", pa.string()), ("version", pa.string()), ("label", pa.int64()),

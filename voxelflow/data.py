@@ -28,6 +28,7 @@ import copy
 import itertools
 import os
 from collections import OrderedDict, defaultdict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -276,11 +277,12 @@ def map_labels(label: np.ndarray, label_map: dict[int, int] | None) -> np.ndarra
 
 
 def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str | None = None,
-                  split: str | None = None, **kwargs: Any) -> ZarrPatchDataset:
+                  split: str | None = None, volumes: Collection[str] | None = None, **kwargs: Any) -> ZarrPatchDataset:
     """A :class:`ZarrPatchDataset` over a store's volumes, or over its preprocessed copy
     ``version`` (whose sampled class locations drive foreground oversampling), restricted to
-    one split of the catalog and, when ``label_name`` is set (the default), to volumes that
-    have that label. ``store`` may be a local path or an fsspec URL.
+    one split of the catalog (and to ``volumes``, e.g. a cross-validation fold) and, when
+    ``label_name`` is set (the default), to volumes that have that label. ``store`` may be a
+    local path or an fsspec URL.
     """
     store = str(store)
     classes = {r["volume_id"]: r["label"] for r in catalog.read_table(store, "classes").to_pylist()}
@@ -303,7 +305,7 @@ def patch_dataset(store: str, patch_size: tuple[int, int, int], *, version: str 
     entries = []
     for r in rows:
         vid = r["volume_id"]
-        if split is not None and splits.get(vid) != split:
+        if (split is not None and splits.get(vid) != split) or (volumes is not None and vid not in volumes):
             continue
         locations = locations_for(root, vid) if version else {}
         entries.append(VolumeEntry(vid, tuple(r["shape"]), classes.get(vid), locations))

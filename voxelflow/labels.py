@@ -284,6 +284,52 @@ def import_classes(store: str | os.PathLike, classes_csv: str | os.PathLike, key
     return rows, errors
 
 
+def _patients(patient_of: dict[str, str | None]) -> dict[str, list[str]]:
+    """Patient key -> its volumes (a volume without a patient id is its own patient)."""
+    patients: dict[str, list[str]] = defaultdict(list)
+    for vid, pid in patient_of.items():
+        patients[pid or f"volume:{vid}"].append(vid)
+    return patients
+
+
+def _strata(store: str | os.PathLike, patients: dict[str, list[str]]) -> dict[str, list[str]]:
+    """Stratum -> patient keys (sorted): a patient's stratum is a class of its volumes other
+    than the most frequent class of the catalog, else that class, else ``unlabelled``."""
+    classes = {r["volume_id"]: r["label"] for r in catalog.read_table(store, "classes", CLASS_SCHEMA).to_pylist()}
+    counts: dict[str, int] = defaultdict(int)
+    for c in classes.values():
+        counts[c] += 1
+    common = max(counts, key=counts.get) if counts else None
+    strata: dict[str, list[str]] = defaultdict(list)
+    for pkey, vids in sorted(patients.items()):
+        labels = {classes.get(v) for v in vids} - {None}
+        strata[next(iter(sorted(labels - {common})), common or "") if labels else "unlabelled"].append(pkey)
+    return strata
+
+
+def make_folds(store: str | os.PathLike, folds: int, seed: int = 0, split: str = "train") -> dict[str, int]:
+    """Volume id -> cross-validation fold (0 .. ``folds`` - 1) for the volumes of ``split``:
+    whole patients per fold, stratified as the split is (each stratum's patients, shuffled
+    with ``seed``, dealt round the folds, continuing where the previous stratum stopped so the
+    folds stay equal in size). Deterministic for the split table and ``seed``."""
+    rows = [r for r in catalog.read_table(store, "splits", SPLIT_SCHEMA).to_pylist() if r["split"] == split]
+    patients: dict[str, list[str]] = defaultdict(list)
+    for r in rows:
+        patients[r["patient_key"]].append(r["volume_id"])
+    if len(patients) < folds:
+        raise SettingError(f"{folds} folds need at least {folds} patients in the {split} split; "
+                           f"{store} has {len(patients)}")
+    rng = np.random.default_rng([seed, folds])
+    out: dict[str, int] = {}
+    dealt = 0
+    for _, members in sorted(_strata(store, patients).items()):
+        for i in rng.permutation(len(members)):
+            for vid in patients[members[i]]:
+                out[vid] = dealt % folds
+            dealt += 1
+    return out
+
+
 def make_split(store: str | os.PathLike, seed: int = 0,
                fractions: tuple[float, float, float] = (0.7, 0.15, 0.15), keep_existing: bool = False) -> list[dict]:
     """Assign every volume's patient to train / validation / test, stratified by class.
@@ -299,18 +345,8 @@ def make_split(store: str | os.PathLike, seed: int = 0,
     if abs(sum(fractions) - 1.0) > 1e-6 or any(f < 0 for f in fractions):
         raise SettingError(f"split fractions must be >= 0 and sum to 1, got {fractions}")
     volumes = catalog.read_table(store, "volumes").to_pylist()
-    classes = {r["volume_id"]: r["label"] for r in catalog.read_table(store, "classes", CLASS_SCHEMA).to_pylist()}
-    counts: dict[str, int] = defaultdict(int)
-    for c in classes.values():
-        counts[c] += 1
-    common = max(counts, key=counts.get) if counts else None
-    patients: dict[str, list[str]] = defaultdict(list)
-    for v in volumes:
-        patients[v["patient_id"] or f"volume:{v['volume_id']}"].append(v["volume_id"])
-    strata: dict[str, list[str]] = defaultdict(list)
-    for pkey, vids in sorted(patients.items()):
-        labels = {classes.get(v) for v in vids} - {None}
-        strata[next(iter(sorted(labels - {common})), common or "") if labels else "unlabelled"].append(pkey)
+    patients = _patients({v["volume_id"]: v["patient_id"] for v in volumes})
+    strata = _strata(store, patients)
     assignment: dict[str, str] = {}
     seeds: dict[str, int] = {}  # the seed that drew each patient
     if keep_existing:

@@ -3,6 +3,8 @@
     STORE/models/<name>/<version>/   checkpoint.pt (last epoch, to resume), weights.pt (best),
                                      model.json (config, data snapshot, code version, metrics)
     STORE/models/<name>/current.json the version in use; moves only when a new version beats it
+    STORE/models/<name>/groups/<id>.json  a cross-validated run: its fold versions (the members of
+                                     its ensemble), their metrics, mean and sd
 
 A version's id is a digest of its training configuration and the data snapshot it saw, so a
 killed training run resumes in the same folder. Promotion compares validation metrics.
@@ -120,3 +122,29 @@ def list_versions(store: str | os.PathLike, name: str) -> list[dict[str, Any]]:
     for path in sorted(root.glob("*/model.json")) if root.exists() else []:
         out.append(json.loads(path.read_text()))
     return out
+
+
+def register_group(store: str | os.PathLike, name: str, group: str, *, members: list[str],
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """Record a cross-validated run: ``members`` (its registered fold versions, in fold order)
+    and ``record`` (its per-fold metrics, mean and sd)."""
+    for version in members:
+        if not (version_dir(store, name, version) / "model.json").exists():
+            raise NotInStoreError(f"model {name}/{version} (a fold of {group}) is not registered")
+    out = {"name": name, "group": group, "members": members, **record,
+           "registered_at": datetime.now(timezone.utc).isoformat()}
+    _write_json_atomic(models_dir(store, name) / "groups" / f"{group}.json", out)
+    return out
+
+
+def group(store: str | os.PathLike, name: str, group_id: str | None = None) -> dict[str, Any]:
+    """A cross-validated run's record: ``group_id``'s, or the newest one registered."""
+    root = models_dir(store, name) / "groups"
+    paths = sorted(root.glob("*.json")) if root.exists() else []
+    records = [json.loads(p.read_text()) for p in paths]
+    if group_id is not None:
+        records = [r for r in records if r["group"] == group_id]
+    if not records:
+        which = f"cross-validated run {group_id!r}" if group_id else "cross-validated run"
+        raise NotInStoreError(f"model {name!r} in {store} has no {which} (train with folds first)")
+    return max(records, key=lambda r: r["registered_at"])

@@ -43,6 +43,9 @@ class RunData:
     classes: list[str]
     device: torch.device
     folder: Path  # the registry version's folder
+    # a cross-validation fold's own training and validation volumes, drawn inside the train
+    # split ("train" / "validation" -> volume ids); None: the catalog's splits
+    fold: dict[str, frozenset[str]] | None = None
 
     @property
     def root(self) -> str:
@@ -50,8 +53,12 @@ class RunData:
 
     def volumes(self, split: str, labelled: bool = False) -> list[str]:
         """Finished preprocessed volumes of one split (with a label map, if ``labelled``)."""
-        return [r["volume_id"] for r in catalog.preprocessed_volumes(self.store, self.version, split)
-                if r["classes"] or not labelled]
+        if self.fold is not None and split in self.fold:
+            rows = [r for r in catalog.preprocessed_volumes(self.store, self.version, "train")
+                    if r["volume_id"] in self.fold[split]]
+        else:
+            rows = catalog.preprocessed_volumes(self.store, self.version, split)
+        return [r["volume_id"] for r in rows if r["classes"] or not labelled]
 
     def volume_classes(self, ids: list[str]) -> tuple[list[str], list[int]]:
         """The volumes of ``ids`` with one of the run's classes, and their class indices."""

@@ -180,9 +180,10 @@ class ClassificationPredictor(Predictor):
 
     @torch.no_grad()
     def probabilities(self, image: torch.Tensor) -> np.ndarray:
-        windows = evaluate.window_probabilities(self.model, image.to(self.device, non_blocking=True),
-                                                self.train.sampling.patch_size, self.device)
-        return evaluate.volume_probabilities(windows, self.positive())
+        image = image.to(self.device, non_blocking=True)
+        # an ensemble: the mean of its members' volume probabilities
+        return np.mean([evaluate.volume_probabilities(evaluate.window_probabilities(
+            model, image, self.train.sampling.patch_size, self.device), self.positive()) for model in self.members], 0)
 
     def decision(self, probs: np.ndarray) -> int:
         """The predicted class index: with the model's operating threshold (tuned on

@@ -144,10 +144,14 @@ class SegmentationPredictor(Predictor):
     def probabilities(self, image: torch.Tensor) -> torch.Tensor:
         """Class probabilities ``(classes, z, y, x)`` on the inference device."""
         batch = self.window_batch()
-        predictor = _fixed_batch(self.model, batch) if self.device.type == "cuda" else self.model
-        logits = evaluate.sliding_logits(self.model, image, self.train.sampling.patch_size, self.device,
-                                         sw_batch_size=batch, overlap=self.config.overlap, predictor=predictor)
-        return torch.softmax(logits.float(), 1)[0]
+        total = None
+        for model in self.members:  # an ensemble: the mean of its members' probabilities
+            predictor = _fixed_batch(model, batch) if self.device.type == "cuda" else model
+            logits = evaluate.sliding_logits(model, image, self.train.sampling.patch_size, self.device,
+                                             sw_batch_size=batch, overlap=self.config.overlap, predictor=predictor)
+            probs = torch.softmax(logits.float(), 1)[0]
+            total = probs if total is None else total.add_(probs)
+        return total / len(self.members)
 
     @torch.no_grad()
     def compute(self, volume_id: str, loaded) -> _Segmented:
@@ -176,7 +180,8 @@ class SegmentationPredictor(Predictor):
                 resample_nearest(torch.from_numpy(pred), target.m_zyx, target.shape).numpy()
         name = f"prediction-{self.config.name}"
         write_label(self.config.store, volume_id, name, mapped, attributes={
-            "model": self.config.name, "version": self.version, "mapping": target.mapping,
+            "model": self.config.name, "version": self.version, "members": self.info.get("members"),
+            "mapping": target.mapping,
             "warnings": target.warnings, "created_at": row["created_at"].isoformat()})
         counts = np.bincount(pred.ravel(), minlength=self.num_classes)
         row |= {"label_name": name, "prediction": name, "classes": [str(k) for k in range(self.num_classes)],
