@@ -57,8 +57,8 @@ def test_the_version_id_of_a_run_is_that_of_its_flat_settings():
     from voxelflow import registry
 
     run = TrainRun(store="s", version="v", train=TrainConfig(epochs=3))
-    # the run's fields before the settings had parts (and before world_size, rank_timeout_s)
-    added = {"world_size", "rank_timeout_s"}
+    # the run's fields before the settings had parts (and before world_size, rank_timeout_s, folds)
+    added = {"world_size", "rank_timeout_s", "folds", "fold"}
     before = TrainRun(store="s", version="v").model_dump(exclude={"store", "train"} | added) | \
         {"train": FLAT_DEFAULTS | {"epochs": 3}}
     snapshot = {"catalog_digest": "d"}
