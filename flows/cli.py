@@ -1,4 +1,4 @@
-"""``voxelflow`` command line: ingest, export, demo, server."""
+"""``voxelflow`` command line: ingest, labels, preprocess, plan, train, infer, export, demo, server."""
 
 from __future__ import annotations
 
@@ -106,7 +106,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             # the liver, lesions included (LiTS's liver task: the lesions are the classifier's),
             # is one piece: keep its largest component. 40 steps an epoch: with 20 the U-Net
             # took the spleen for liver in a few test volumes (README: the demo's figures)
-            "segmentation": ["steps_per_epoch=40", "patch_size=[32,64,64]", 'label_map={"2": 1}', "keep_largest=[1]"],
+            # patch, batch and channels given: sized for 2 CPU cores, not planned for the memory
+            "segmentation": ["steps_per_epoch=40", "patch_size=[32,64,64]", "batch_size=2", "channels=[16,32,64,128]",
+                             'label_map={"2": 1}', "keep_largest=[1]"],
             # lesion / no lesion as detection: patch targets from the lesion label (value 2),
             # a volume is positive when one of its windows is. A 2-D slice classifier (patches
             # one slice deep) with a stride-2 stem: a 3-D one sees too few patches in the demo's
@@ -144,10 +146,19 @@ def _preprocess(args: argparse.Namespace) -> str:
     from voxelflow.store import store_id
 
     store_id(args.store)
+    planned: dict = {}
+    if args.plan:
+        from voxelflow import registry
+
+        plan = registry.load_plan(args.store, None if args.plan == "latest" else args.plan)
+        planned = {"spacing": tuple(plan["spacing"]), "mr_normalization": plan["mr_normalization"],
+                   **({"ct_window": tuple(plan["ct_window"])} if plan.get("ct_window") else {})}
+        print(f"plan {plan['plan_id']}: spacing {list(planned['spacing'])} mm"
+              + (f", CT window {list(planned['ct_window'])}" if "ct_window" in planned else ""))
     spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
-    config = PreprocessConfig(store=args.store, volumes=args.volume or None, spacing=spacing,
-                              interpolation=args.interpolation, crop_foreground=not args.no_crop,
-                              labelled_only=args.labelled_only)
+    config = PreprocessConfig(store=args.store, volumes=args.volume or None, interpolation=args.interpolation,
+                              crop_foreground=not args.no_crop, labelled_only=args.labelled_only,
+                              **(planned | ({"spacing": spacing} if spacing else {})))
     api = _prefect_api()
     from flows.preprocess import run_preprocess
 
@@ -157,6 +168,41 @@ def _preprocess(args: argparse.Namespace) -> str:
     for vid, reason in summary["failures"]:
         print(f"  failed {vid}: {reason}")
     return summary["version"]
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """A training plan from the store's labelled volumes (or a preprocessed copy's grid) and
+    the memory of this machine's training device (or ``--memory-gb``), saved in the store."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from models.config import TrainConfig, undot
+    from models.plan import explicit_settings, make_plan, output_classes, plan_json
+    from voxelflow import registry
+    from voxelflow.fingerprint import fingerprint
+    from voxelflow.store import store_id
+
+    store_id(args.store)
+    config = TrainConfig(task=args.task, **undot(_key_values(args.set, "TrainConfig", TrainConfig.field_names())))
+    fp = fingerprint(args.store, args.label_name, version=args.version)
+    memory = (int(args.memory_gb * 2 ** 30), f"{args.memory_gb:g} GiB (--memory-gb)") if args.memory_gb else None
+    plan = make_plan(fp, args.task, memory, base=config, fixed=explicit_settings(config),
+                     num_classes=output_classes(fp, config))
+    path = registry.save_plan(args.store, plan_json(plan))
+    table = Table(title=f"plan {plan.plan_id()} ({args.task}, fingerprint {plan.fingerprint}, "
+                        f"{len(fp.volumes)} labelled volumes)")
+    for column in ("setting", "value", "why"):
+        table.add_column(column)
+    for row in plan.table():
+        table.add_row(*(str(row[k]) for k in ("setting", "value", "why")))
+    Console(width=160).print(table)
+    print(f"saved as {path}")
+    if args.version is None:
+        print(f"preprocess with it: voxelflow preprocess {args.store} --plan {plan.plan_id()}")
+    print("`voxelflow train` plans the settings it is not given by the same rules, for its own device")
+    if args.json:
+        Path(args.json).write_text(json.dumps(plan_json(plan), indent=2))
+    return 0
 
 
 def cmd_preprocess(args: argparse.Namespace) -> int:
@@ -185,6 +231,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.config:
         settings |= json.loads(Path(args.config).read_text())
     settings |= undot(_key_values(args.set, "TrainConfig", TrainConfig.field_names()))
+    if args.no_plan:  # the defaults given explicitly: nothing left to plan
+        from models.plan import PLANNED_FIELDS
+
+        settings = {k: v for k, v in TrainConfig(task=args.task).flat().items() if k in PLANNED_FIELDS} | settings
     default = TrainRun.model_fields["augmentation"].default  # the training default (spatial only)
     augmentation = type(default)(**default.model_dump() | _key_values(args.augment, "AugmentConfig",
                                                                       set(type(default).model_fields)))
@@ -204,6 +254,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     ranks_note = f", {t['world_size']} ranks" if t["world_size"] > 1 else ""
     print(f"model {summary['name']}/{summary['version']} ({summary['epochs']} epochs on {summary['device']}{ranks_note}, "
           f"{t['samples_per_s']} samples/s, {summary['stopped']}): test {test}; promoted: {summary['promoted']}")
+    if summary.get("plan"):
+        print(f"planned settings: plan {summary['plan']} (STORE/plans/{summary['plan']}.json)")
     return 0
 
 
@@ -435,13 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("preprocess", help="reorient, resample, crop, normalise into a versioned copy")
     p.add_argument("store")
-    p.add_argument("--spacing", help="target x,y,z mm (default: median of the volumes)")
+    p.add_argument("--spacing", help="target x,y,z mm (default: median of the volumes; 10th percentile on a much coarser axis)")
     p.add_argument("--interpolation", choices=["linear", "spline"], default="linear")
     p.add_argument("--no-crop", action="store_true", help="keep the whole field of view")
     p.add_argument("--volume", action="append", help="only this volume (repeatable)")
     p.add_argument("--labelled-only", action="store_true", help="only volumes with a segmentation")
+    p.add_argument("--plan", nargs="?", const="latest", default=None, metavar="PLAN",
+                   help="spacing and normalisation from a plan of `voxelflow plan` (default: the newest); "
+                        "--spacing still wins")
     add_dask(p)
     p.set_defaults(func=cmd_preprocess)
+
+    p = sub.add_parser("plan", help="plan spacing, normalisation, patch, batch and depth from the data (nnU-Net's rules)")
+    p.add_argument("store")
+    p.add_argument("--version", help="a preprocessed copy: plan for its grid (default: the raw labelled volumes)")
+    p.add_argument("--task", default="segmentation", help="the task to plan for")
+    p.add_argument("--label-name", default="segmentation", help="the label whose volumes are fingerprinted")
+    p.add_argument("--memory-gb", type=float, default=None,
+                   help="the training device's memory (default: this machine's GPU, else a CPU budget of 2 GiB)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="a setting given (patch_size, batch_size, channels): kept, the rest planned around it")
+    p.add_argument("--json", default=None, help="also write the plan to this file")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("augment", help="N augmented copies per preprocessed volume, parameters stored")
     p.add_argument("store")
@@ -457,7 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", required=True, help="the preprocessed copy")
     p.add_argument("--task", default="segmentation", help="segmentation, classification, autoencoder or gan (models.tasks)")
     p.add_argument("--config", help="JSON file of TrainConfig fields")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (JSON value)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field (JSON value); patch_size, batch_size and channels not set are "
+                        "planned from the data (`voxelflow plan`)")
+    p.add_argument("--no-plan", action="store_true",
+                   help="keep TrainConfig's defaults for the settings not given instead of planning them")
     p.add_argument("--name", help="registry name (default: the task)")
     p.add_argument("--no-augment", action="store_true", help="no on-the-fly augmentation")
     p.add_argument("--augment", action="append", metavar="KEY=VALUE",

@@ -13,7 +13,8 @@ from prefect.artifacts import create_table_artifact
 from flows.runner import run_on_dask
 from models.distributed import RankLostError, Ranks, free_port
 from models.run import TrainRun
-from tasks.train import publish, train, train_rank
+from models.plan import needs_plan
+from tasks.train import plan, publish, train, train_rank
 from voxelflow.errors import SettingError
 
 # how long the flow waits for enough workers to join (a cluster still starting)
@@ -24,20 +25,31 @@ LOST_WORKER_WAIT_S = 10.0
 
 @flow(name="train", description="Train a model on the preprocessed store; register it; promote if better")
 def train_flow(run: TrainRun, gpu: bool = False) -> dict:
-    """``gpu``: run the training only on Dask workers started with ``--resources GPU=1``."""
+    """``gpu``: run the training only on Dask workers started with ``--resources GPU=1``.
+    Settings the run leaves open (patch, batch, depth of a planned task) are planned first, on a
+    worker of the kind that trains."""
+    if needs_plan(run.train):
+        with _on_training_workers(gpu):
+            run = plan.submit(run).result()
     if run.folds and run.fold is None:
         summary = _cross_validate(run, gpu)
     elif run.world_size > 1:
         summary = _data_parallel(run, gpu)
     else:
-        annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
-        with annotate:
+        with _on_training_workers(gpu):
             future = train.submit(run)
         summary = future.result()
+    if run.plan:
+        summary = summary | {"plan": run.plan}
     get_run_logger().info("model %s/%s on %s: validation %s, promoted %s, %s samples/s", summary["name"],
                           summary["version"], summary["device"], {k: summary["validation"].get(k) for k in ("monitor",)},
                           summary["promoted"], summary["throughput"]["samples_per_s"])
     return summary
+
+
+def _on_training_workers(gpu: bool):
+    """Tasks submitted inside go to GPU workers when ``gpu``, to any worker otherwise."""
+    return dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
 
 
 def _cross_validate(run: TrainRun, gpu: bool) -> dict:
@@ -58,8 +70,7 @@ def _cross_validate(run: TrainRun, gpu: bool) -> dict:
         for w in workers:
             per_host[w["host"]] = per_host.get(w["host"], 0) + 1
         share = min(len(folds), max(per_host.values(), default=1))  # folds training at once on one machine
-        annotate = dask.annotate(resources={"GPU": 1}) if gpu else contextlib.nullcontext()
-        with annotate:
+        with _on_training_workers(gpu):
             futures = [train.with_options(task_run_name=f"train-fold-{f.fold}").submit(f, share) for f in folds]
         summaries = [f.result() for f in futures]
     summary = crossval.record(run, summaries)

@@ -48,6 +48,9 @@ class TrainRun(BaseModel):
     # ``folds`` models, fold ``fold`` validated on its own patients and trained on the others
     folds: int | None = Field(None, ge=2)
     fold: int | None = Field(None, ge=0)
+    # the plan (``STORE/plans/<id>.json``) that filled the settings the run did not give; not
+    # part of the identity: the same settings, planned or typed, train the same model
+    plan: str | None = None
 
     @model_validator(mode="after")
     def _fold_of_folds(self) -> TrainRun:
@@ -67,10 +70,10 @@ class TrainRun(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (the registry version id is its digest): every
-        setting but the store and the rank timeout, the training settings in their flat form
-        (ids stay those of runs configured before the settings had parts); settings added
-        since count only when set away from their default, so older ids stay."""
-        out = self.model_dump(exclude={"store", "rank_timeout_s"}) | {"train": self.train.flat()}
+        setting but the store, the rank timeout and the plan's name, the training settings in
+        their flat form (ids stay those of runs configured before the settings had parts);
+        settings added since count only when set away from their default, so older ids stay."""
+        out = self.model_dump(exclude={"store", "rank_timeout_s", "plan"}) | {"train": self.train.flat()}
         for key, default in (("world_size", 1), ("folds", None), ("fold", None)):
             if out[key] == default:
                 del out[key]

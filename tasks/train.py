@@ -18,6 +18,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 
 from models.distributed import Ranks
+from models.plan import explicit_settings, plan_run
 from models.run import TrainRun, train_model
 from voxelflow import location
 from tasks.artifacts import png_markdown
@@ -70,6 +71,23 @@ def publish(summary: dict, ranks: list[dict] | None = None) -> None:
     create_markdown_artifact(key=f"{key}-curve", markdown=png_markdown(folder / "curve.png", "Training curve"))
     if (folder / "samples.png").exists():
         create_markdown_artifact(key=f"{key}-samples", markdown=png_markdown(folder / "samples.png", "Samples"))
+
+
+@task(name="plan-training", cache_policy=NO_CACHE, **RETRY)
+def plan(run: TrainRun) -> TrainRun:
+    """The run with the settings it left open planned from its data, on a worker of the kind
+    that trains (its device's memory sizes the patch and the batch); the plan as a table."""
+    planned, p = plan_run(run)
+    name = run.name or run.train.task
+    get_run_logger().info("plan %s for %s on %s: patch %s, batch %d, channels %s (estimated %.0f MiB of %.0f)",
+                          p.plan_id(), name, p.device, p.patch_size, p.batch_size, p.channels,
+                          p.estimated_bytes / 2 ** 20, p.memory_bytes / 2 ** 20)
+    create_table_artifact(key=f"train-{name}-plan".lower().replace("_", "-"),
+                          table=[{k: v if isinstance(v, (int, float, str)) else json.dumps(v) for k, v in r.items()}
+                                 for r in p.table()],
+                          description=f"{name}: plan {p.plan_id()} from fingerprint {p.fingerprint}; "
+                                      f"given by the run, kept: {sorted(explicit_settings(run.train)) or 'none'}")
+    return planned
 
 
 @task(name="train-model", cache_policy=NO_CACHE, **RETRY)

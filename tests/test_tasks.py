@@ -57,8 +57,8 @@ def test_the_version_id_of_a_run_is_that_of_its_flat_settings():
     from voxelflow import registry
 
     run = TrainRun(store="s", version="v", train=TrainConfig(epochs=3))
-    # the run's fields before the settings had parts (and before world_size, rank_timeout_s, folds)
-    added = {"world_size", "rank_timeout_s", "folds", "fold"}
+    # the run's fields before the settings had parts (and before world_size, rank_timeout_s, folds, plan)
+    added = {"world_size", "rank_timeout_s", "folds", "fold", "plan"}
     before = TrainRun(store="s", version="v").model_dump(exclude={"store", "train"} | added) | \
         {"train": FLAT_DEFAULTS | {"epochs": 3}}
     snapshot = {"catalog_digest": "d"}
@@ -68,6 +68,8 @@ def test_the_version_id_of_a_run_is_that_of_its_flat_settings():
     assert registry.version_id(run.model_copy(update={"world_size": 2}).identity(), snapshot) != \
         registry.version_id(run.identity(), snapshot)
     assert run.model_copy(update={"rank_timeout_s": 5.0}).identity() == run.identity()
+    # planned or typed, the same settings train the same model
+    assert run.model_copy(update={"plan": "p1"}).identity() == run.identity()
 
 
 def test_an_unknown_task_is_refused_naming_the_known_ones(tmp_path):

@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from voxelflow import catalog, location
 from voxelflow.errors import InvalidInputError, StoreError
+from voxelflow.fingerprint import target_spacing
 from voxelflow.geometry import orientation_code, voxel_sizes
 from voxelflow.store import open_label, open_volume, write_label, write_volume
 
@@ -43,7 +44,8 @@ class PreprocessConfig(BaseModel):
     volumes: list[str] | None = Field(None, description="volume ids (default: every 3-D volume)")
     labelled_only: bool = Field(False, description="only volumes that have the label `label_name`")
     spacing: tuple[float, float, float] | None = Field(
-        None, description="target (x, y, z) mm; default: the median spacing of the selected volumes")
+        None, description="target (x, y, z) mm; default: the median spacing of the selected volumes "
+                          "(10th percentile on a much coarser axis)")
     interpolation: Literal["linear", "spline"] = "linear"
     ct_window: tuple[float, float] = (-160.0, 240.0)
     mr_normalization: Literal["zscore", "percentile"] = "zscore"
@@ -64,7 +66,8 @@ def output_root(config: PreprocessConfig) -> Path:
 
 def resolve(config: PreprocessConfig) -> PreprocessConfig:
     """Fill in the defaults that depend on the data: the volume selection (3-D volumes) and
-    the target spacing (median of the selection, as nnU-Net does)."""
+    the target spacing (median of the selection, the 10th percentile on a much coarser axis:
+    nnU-Net's rule, ``voxelflow.fingerprint.target_spacing``)."""
     volumes = catalog.read_table(config.store, "volumes").to_pylist()
     chosen = [v for v in volumes if len(v["shape"]) == 3 and (config.volumes is None or v["volume_id"] in config.volumes)]
     if config.labelled_only:
@@ -75,7 +78,7 @@ def resolve(config: PreprocessConfig) -> PreprocessConfig:
     if spacing is None:
         if not chosen:
             raise InvalidInputError(config.store, "no 3-D volume to preprocess")
-        spacing = tuple(round(float(np.median([v["spacing"][i] for v in chosen])), 4) for i in range(3))
+        spacing = target_spacing([v["spacing"] for v in chosen], [v["shape"] for v in chosen])
     return config.model_copy(update={"volumes": sorted(v["volume_id"] for v in chosen), "spacing": spacing})
 
 

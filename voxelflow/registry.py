@@ -5,6 +5,8 @@
     STORE/models/<name>/current.json the version in use; moves only when a new version beats it
     STORE/models/<name>/groups/<id>.json  a cross-validated run: its fold versions (the members of
                                      its ensemble), their metrics, mean and sd
+    STORE/plans/<id>.json            a training plan and the fingerprint it was derived from
+                                     (``models.plan``); a version's ``config.plan`` names its plan
 
 A version's id is a digest of its training configuration and the data snapshot it saw, so a
 killed training run resumes in the same folder. Promotion compares validation metrics.
@@ -148,3 +150,30 @@ def group(store: str | os.PathLike, name: str, group_id: str | None = None) -> d
         which = f"cross-validated run {group_id!r}" if group_id else "cross-validated run"
         raise NotInStoreError(f"model {name!r} in {store} has no {which} (train with folds first)")
     return max(records, key=lambda r: r["registered_at"])
+
+
+def plans_dir(store: str | os.PathLike) -> Path:
+    return location.path(store) / "plans"
+
+
+def save_plan(store: str | os.PathLike, plan: dict[str, Any]) -> Path:
+    """Record a plan (a dict with its ``plan_id``, as ``models.plan.plan_json`` gives it); the
+    same plan saved again is the same file."""
+    path = plans_dir(store) / f"{plan['plan_id']}.json"
+    _write_json_atomic(path, plan | {"saved_at": datetime.now(timezone.utc).isoformat()})
+    return path
+
+
+def load_plan(store: str | os.PathLike, plan_id: str | None = None) -> dict[str, Any]:
+    """A saved plan: ``plan_id``'s, or the newest one saved.
+
+    Raises:
+        NotInStoreError: no such plan in the store.
+    """
+    root = plans_dir(store)
+    paths = sorted(root.glob("*.json")) if root.exists() else []
+    plans = [json.loads(p.read_text()) for p in paths if plan_id is None or p.stem == plan_id]
+    if not plans:
+        which = f"plan {plan_id!r}" if plan_id else "plan"
+        raise NotInStoreError(f"{store} has no {which} (make one with `voxelflow plan {store}`)")
+    return max(plans, key=lambda p: p["saved_at"])

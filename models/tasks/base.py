@@ -81,6 +81,9 @@ class Task:
     default_weighting: ClassVar[str] = "none"
     # bulk inference over stored volumes is defined (``predictor``)
     predicts: ClassVar[bool] = False
+    # patch size, batch size and network depth may come from a plan (``models.plan``) when the
+    # run does not set them: a 3-D network whose memory grows with the patch
+    planned: ClassVar[bool] = False
 
     def __init__(self, config: TrainConfig, num_classes: int = 2):
         self.config = config

@@ -31,6 +31,7 @@ class Segmentation(Task):
     monitor = "dice"
     uses_label = True
     predicts = True
+    planned = True
 
     @classmethod
     def check(cls, config: TrainConfig) -> None:
