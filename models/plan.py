@@ -51,7 +51,8 @@ MAX_DATASET_SHARE = 0.05  # of all voxels, one batch at most
 # workspaces and the data loader's pinned batches, which the meta-device count does not see
 BUDGET_SHARE = 0.85
 # the step's peak over the activations autograd saves: backward's gradient buffers and the
-# kernels' workspaces come on top (bench/plan_memory.py measures the ratio: 1.4-1.95 on a CPU)
+# kernels' workspaces come on top (the estimate stays above the measured peak of a real
+# step with this factor: bench/plan_memory.py)
 ACTIVATION_PEAK = 2.0
 # a CPU trains on what its cores compute in reasonable time, not on what fits in its RAM:
 # its "memory" for planning is this (``--memory-gb`` sets another)
