@@ -218,7 +218,9 @@ def test_voxelflow_serve_runs_deployments_and_stops_cleanly(archive, prefect_ser
 @pytest.mark.slow
 def test_the_whole_pipeline_runs_on_a_cluster_started_from_the_command_line(archive, prefect_server, tmp_path):
     """`dask scheduler` + two `dask worker` processes: every stage of the nightly run (ingest,
-    labels, preprocess, train, infer) runs its tasks there, in the worker processes."""
+    labels, preprocess, train, infer) runs its tasks there, in the worker processes; the model
+    is cross-validated (2 folds), each fold trained by 2 data-parallel ranks, and inferred with
+    the folds' ensemble."""
     import os
 
     from distributed import Client
@@ -226,7 +228,8 @@ def test_the_whole_pipeline_runs_on_a_cluster_started_from_the_command_line(arch
     from flows.nightly import run_nightly
     from tests.conftest import dask_cli_cluster
 
-    config = _config(archive).model_copy(update={"store": str(tmp_path / "store")})
+    spec = ModelSpec(name="seg", task="segmentation", settings=TINY, world_size=2, folds=2, ensemble=True)
+    config = _config(archive, models=[spec]).model_copy(update={"store": str(tmp_path / "store")})
     with dask_cli_cluster(tmp_path, prefect_server, ["--nworkers", "2"]) as (sched_file, _):
         with Client(scheduler_file=str(sched_file), timeout=60) as client:
             client.wait_for_workers(2, timeout=90)
@@ -240,3 +243,8 @@ def test_the_whole_pipeline_runs_on_a_cluster_started_from_the_command_line(arch
     assert sum(done.values()) >= 5 and all(v > 0 for v in done.values()), done
     predicted = [r for r in catalog.read_table(config.store, "predictions").to_pylist() if r["model"] == "seg"]
     assert predicted and registry.current(config.store, "seg") is not None
+    group = registry.group(config.store, "seg")
+    assert len(group["members"]) == 2 and all(sorted(r["members"]) == sorted(group["members"]) for r in predicted)
+    for version in group["members"]:
+        info = json.loads((registry.version_dir(config.store, "seg", version) / "model.json").read_text())
+        assert info["config"]["world_size"] == 2 and info["metrics"]["throughput"]["world_size"] == 2
