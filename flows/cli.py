@@ -205,6 +205,47 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_catalog(args: argparse.Namespace) -> int:
+    """SQL over the store's catalog tables: a table on the terminal, or a CSV / Parquet file."""
+    from voxelflow.query import query
+
+    result = query(args.store, args.sql)
+    if args.csv or args.parquet:
+        if args.csv:
+            import pyarrow.csv as pacsv
+
+            pacsv.write_csv(_flat_columns(result), args.csv)
+        if args.parquet:
+            location.write_parquet(result, args.parquet)
+        print(f"{result.num_rows} rows written to {', '.join(p for p in (args.csv, args.parquet) if p)}")
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(show_lines=False)
+    for name in result.column_names:
+        table.add_column(name)
+    for row in result.slice(0, args.max_rows).to_pylist():
+        table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row.values()))
+    Console(width=max(120, Console().width)).print(table)
+    more = result.num_rows - min(result.num_rows, args.max_rows)
+    print(f"{result.num_rows} rows" + (f" ({more} not shown: --max-rows, or --csv / --parquet)" if more else ""))
+    return 0
+
+
+def _flat_columns(table):
+    """CSV has no lists: list and struct columns become their JSON text."""
+    import pyarrow as pa
+
+    columns = []
+    for name, column in zip(table.column_names, table.columns):
+        if pa.types.is_nested(column.type):
+            column = pa.array([None if v is None else json.dumps(v, default=str) for v in column.to_pylist()],
+                              pa.string())
+        columns.append(column)
+    return pa.table(columns, names=table.column_names)
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     _preprocess(args)
     return 0
@@ -484,6 +525,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs for the demo's segmentation and classification models (0: skip training)")
     add_dask(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("catalog", help="SQL (DuckDB) over the store's catalog tables")
+    p.add_argument("store")
+    p.add_argument("sql", help="a query over volumes, files, labels, classes, splits, predictions, lesions")
+    p.add_argument("--csv", help="write the result to this CSV file (lists as JSON text)")
+    p.add_argument("--parquet", help="write the result to this Parquet file")
+    p.add_argument("--max-rows", type=int, default=50, help="rows shown on the terminal (default 50)")
+    p.set_defaults(func=cmd_catalog)
 
     p = sub.add_parser("preprocess", help="reorient, resample, crop, normalise into a versioned copy")
     p.add_argument("store")

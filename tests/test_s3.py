@@ -96,6 +96,16 @@ def test_pipeline_on_object_storage(s3, prefect_server, tmp_path):
     # and the store reads back from S3 into NIfTI
     paths = export_nifti(store, tmp_path / "nifti", [predicted[0]["volume_id"]])
     assert len(paths) == 1 and paths[0].stat().st_size > 0
+    # SQL over the catalog on S3: lesions per predicted volume, as the catalog holds them
+    from voxelflow.query import query
+
+    got = query(store, "SELECT p.volume_id, count(l.component) AS lesions, sum(l.voxels) AS voxels FROM predictions p "
+                       "LEFT JOIN lesions l USING (volume_id, model, version) WHERE p.model = 'seg' "
+                       "GROUP BY ALL ORDER BY 1").to_pylist()
+    lesions = [r for r in catalog.read_table(store, "lesions").to_pylist() if r["model"] == "seg"]
+    assert got == [{"volume_id": v, "lesions": sum(r["volume_id"] == v for r in lesions),
+                    "voxels": sum(r["voxels"] for r in lesions if r["volume_id"] == v) or None}
+                   for v in sorted(r["volume_id"] for r in predicted)]
     # nothing was staged or left half-written
     assert not s3.exists(f"{BUCKET}/store/.staging")
 
