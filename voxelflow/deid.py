@@ -17,10 +17,13 @@ import base64
 import functools
 import hashlib
 import hmac
+import json
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
+from voxelflow import location
 from voxelflow.errors import ConfigurationError
 
 # Attributes copied into the catalog. Technical acquisition parameters only; PS3.15's Basic
@@ -93,6 +96,58 @@ def load_key(store_id: str, secret_file: str | os.PathLike | None = None,
     if len(key) < 16:
         raise ConfigurationError(f"key file {path} holds {len(key)} bytes, expected >= 16")
     return key
+
+
+KEY_CLAIM = "deid.json"  # in the store's root: which key the store's pseudonyms come from
+
+
+def key_check(key: bytes) -> str:
+    """A value that tells keys apart without revealing them (an HMAC of a constant)."""
+    return hmac.new(key, b"voxelflow key check", hashlib.sha256).hexdigest()[:32]
+
+
+def claim_store(store: Any, key: bytes) -> None:
+    """Bind ``store`` to ``key``: the first run records the key's check value in the store
+    (created exclusively on disk, so of two first runs with different keys, one wins); every
+    later run must bring the same key, so pseudonyms never split.
+
+    Raises:
+        ConfigurationError: the store is bound to another key.
+    """
+    path = location.path(store) / KEY_CLAIM
+    mine = key_check(key)
+    body = json.dumps({"key_check": mine}).encode()
+    if not path.exists():
+        if location.is_url(store):  # no exclusive create on object storage: write, then read back
+            location.write_bytes(path, body)
+        else:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass  # another run claimed it first: checked below
+            else:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(body)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                return
+    theirs = _read_claim(path)
+    if theirs != mine:
+        raise ConfigurationError(
+            f"store {store} is taken: its pseudonyms come from another de-identification key "
+            f"(key check {theirs[:8]}..., this run's {mine[:8]}...); pass that key with --secret-file "
+            "(or VOXELFLOW_SECRET_FILE), or use another store")
+
+
+def _read_claim(path: Path) -> str:
+    for _ in range(50):  # a claim being written by another run: a moment until it is complete
+        try:
+            return json.loads(path.read_bytes())["key_check"]
+        except (ValueError, KeyError):
+            import time
+
+            time.sleep(0.1)
+    raise ConfigurationError(f"{path} does not record a key check value")
 
 
 @functools.lru_cache(maxsize=4096)  # a series' files share their series, study and patient

@@ -68,19 +68,42 @@ def init_store(path: str | os.PathLike) -> str:
     try:
         if (root / "zarr.json").exists():
             return store_id(root)
-        if root.exists() and any(root.iterdir()):
+        if root.exists() and any(not p.name.startswith(_INIT_PREFIX) for p in root.iterdir()):
             raise StoreError(f"{root} exists, is not empty and is not a voxelflow store")
         location.makedirs(root)
         sid = str(uuid.uuid4())
-        group = zarr.open_group(store=str(root), mode="w", zarr_format=3)
-        group.attrs["voxelflow"] = {"format": STORE_FORMAT, "store_id": sid}
-        group.create_group("volumes")
+        if location.is_url(path):  # object storage has no exclusive create: the last writer's id wins
+            zarr.open_group(store=str(root), mode="w", zarr_format=3).attrs["voxelflow"] = \
+                {"format": STORE_FORMAT, "store_id": sid}
+        else:
+            _create_exclusively(root, sid)
+        sid = store_id(root)  # another run's, when it created the store first
+        zarr.open_group(store=str(root), mode="a", zarr_format=3).require_group("volumes")
         location.makedirs(root / "catalog")
         return sid
     except StoreError:
         raise
     except OSError as exc:
         raise StoreError(f"cannot create store at {root}: {exc.strerror or exc}") from exc
+
+
+_INIT_PREFIX = ".init-"
+
+
+def _create_exclusively(root: Path, sid: str) -> None:
+    """Write the store's root metadata unless another process did first: the metadata is
+    made aside and hard-linked into place, which fails if ``zarr.json`` exists, so two first
+    runs into one new store agree on one store id."""
+    aside = root / f"{_INIT_PREFIX}{uuid.uuid4().hex}"
+    try:
+        zarr.open_group(store=str(aside), mode="w", zarr_format=3).attrs["voxelflow"] = \
+            {"format": STORE_FORMAT, "store_id": sid}
+        try:
+            os.link(aside / "zarr.json", root / "zarr.json")
+        except FileExistsError:
+            pass
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def store_id(path: str | os.PathLike) -> str:

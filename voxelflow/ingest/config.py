@@ -6,7 +6,8 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from voxelflow import location
-from voxelflow.deid import create_key, key_path, load_key
+from voxelflow.deid import KEY_CLAIM, claim_store, create_key, key_path, load_key
+from voxelflow.errors import ConfigurationError
 from voxelflow.store import clean_staging, init_store, store_id
 
 # Tasks per stage at most: each Prefect task costs a fixed share of API calls and scheduling
@@ -54,16 +55,33 @@ def prepare_store(store: str, secret_file: str | None = None) -> str:
     """
     sid = init_store(store)
     clean_staging(store)
+    created = False
     if secret_file:
-        load_key(sid, secret_file)
-    elif not key_path(sid).exists():
+        key = load_key(sid, secret_file)
+    elif key_path(sid).exists():
+        key = load_key(sid)
+    else:
         if (location.path(store) / "catalog" / "files.parquet").exists():
             load_key(sid)  # raises: a used store without its key would get new pseudonyms
-        create_key(sid)
+        key, created = create_key(sid), True
+    try:
+        claim_store(store, key)
+    except ConfigurationError:
+        if created:  # the key this run made for a store another key holds is no key of it
+            key_path(sid).unlink(missing_ok=True)
+        raise
     return sid
 
 
 def store_key(store: str, secret_file: str | None = None) -> bytes:
-    return load_key(store_id(store), secret_file)
+    """The store's de-identification key (``secret_file``'s, or the one in VOXELFLOW_HOME).
+
+    Raises:
+        ConfigurationError: no key, or a key the store is not bound to.
+    """
+    key = load_key(store_id(store), secret_file)
+    if (location.path(store) / KEY_CLAIM).exists():
+        claim_store(store, key)  # checks it: labels with another key would match no volume
+    return key
 
 
