@@ -5,6 +5,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from flows.progress import RunProgress
 from flows.runner import run_on_dask
 from tasks.augment import augment_volumes
 from voxelflow import augment
@@ -17,7 +18,12 @@ def augment_flow(config: augment.OfflineConfig, pairs_per_task: int = 4) -> dict
     log.info("%d copies to make, %d already made", len(todo), existing)
     futures = [augment_volumes.submit(config, todo[i:i + pairs_per_task])
                for i in range(0, len(todo), pairs_per_task)]
-    rows = [row for fut in futures for row in fut.result()]
+    progress = RunProgress(len(todo), f"augmenting: {len(todo)} copies")
+    rows = []
+    for fut in futures:
+        rows += fut.result()
+        progress.advance(pairs_per_task)
+    progress.close()
     augment.write_catalog(config, rows)
     summary = {"output": str(augment.output_root(config)), "made": len(rows), "existing": existing}
     create_table_artifact(key="augment-summary",

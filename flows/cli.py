@@ -58,9 +58,12 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     prepare_store(config.store, config.secret_file)  # fail fast: unwritable store, missing key
     api = _prefect_api()
     from flows.ingest import run_ingest
+    from flows.runtime import small_input
 
+    # a study converts in this process sooner than a Dask cluster starts
+    in_process = args.workers is None and small_input(config.sources)
     summary = run_ingest(config, dask_address=args.dask_address, n_workers=args.workers,
-                         api_url=api.api_url)
+                         api_url=api.api_url, in_process=in_process)
     _print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
@@ -288,13 +291,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     summary = run_train(run, gpu=args.gpu, dask_address=args.dask_address, n_workers=args.workers,
                         api_url=api.api_url)
-    test = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in summary["test"].items()}
     for row in summary.get("table", []):  # cross-validation: each fold, then mean and sd
         print("  " + "  ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if v != ""))
     t = summary["throughput"]
     ranks_note = f", {t['world_size']} ranks" if t["world_size"] > 1 else ""
-    print(f"model {summary['name']}/{summary['version']} ({summary['epochs']} epochs on {summary['device']}{ranks_note}, "
-          f"{t['samples_per_s']} samples/s, {summary['stopped']}): test {test}; promoted: {summary['promoted']}")
+    print(f"model {summary['name']}/{summary['version']}: {summary['epochs']} epochs on {summary['device']}{ranks_note}, "
+          f"{t['samples_per_s']} samples/s, {summary['stopped']}; promoted: {summary['promoted']}")
+    best = summary["validation"]
+    from flows.terminal import named_metrics
+
+    print(f"  validation (epoch {best.get('epoch', '-')}): {named_metrics(best)}")
+    print(f"  test: {named_metrics(summary['test'])}")
     if summary.get("plan"):
         print(f"planned settings: plan {summary['plan']} (STORE/plans/{summary['plan']}.json)")
     return 0
@@ -472,7 +479,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="voxelflow", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show Prefect's and Dask's INFO lines on the terminal (they always go to the log file)")
+
     def add_dask(p: argparse.ArgumentParser) -> None:
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="show Prefect's and Dask's INFO lines on the terminal (they always go to the log file)")
         p.add_argument("--dask-address", default=os.environ.get("VOXELFLOW_DASK_ADDRESS"),
                        help="existing Dask scheduler (default: $VOXELFLOW_DASK_ADDRESS, else a LocalCluster)")
         p.add_argument("--workers", type=int, default=None,
@@ -637,13 +649,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# commands that run Prefect flows: their per-task INFO lines go to a log file, their progress
+# artifacts are drawn as bars
+FLOW_COMMANDS = {"ingest", "preprocess", "augment", "train", "infer", "nightly", "demo"}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command not in FLOW_COMMANDS:
+        return args.func(args)
+    from flows.terminal import ProgressBars, quiet_logging, run_tag
+
+    # before Prefect and Dask are imported: their logging reads it once, and the Dask worker
+    # processes started later inherit it
+    log_file = quiet_logging(args.command, args.verbose)
+    print(f"log: {log_file}", file=sys.stderr)
+    tag = run_tag()
+    from prefect import tags
+
+    with tags(tag), ProgressBars(tag, enabled=not args.verbose):
+        return args.func(args)
+
+
 def main(argv: list[str] | None = None) -> int:
-    # Dask's scheduler/nanny/worker INFO lines drown the progress bar; keep warnings. Set
-    # before dask is imported, so worker processes inherit it too.
+    # Dask's scheduler/nanny/worker INFO lines drown the progress bars; keep warnings (-v:
+    # flows.terminal.quiet_logging). Set before dask is imported, so worker processes inherit it.
     os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        return _run(args)
     except VoxelflowError as exc:  # a user-facing failure: one line, no traceback
         print(f"voxelflow {args.command}: error: {exc}", file=sys.stderr)
         return 2

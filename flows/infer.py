@@ -8,6 +8,7 @@ import dask
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows.progress import RunProgress
 from flows.runner import run_on_dask
 from tasks.artifacts import png_markdown
 from tasks.infer import infer_volumes
@@ -24,11 +25,14 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
     with annotate:
         futures = [infer_volumes.submit(config, info, todo[i:i + volumes_per_task])
                    for i in range(0, len(todo), volumes_per_task)]
+    progress = RunProgress(len(todo), f"predicting {len(todo)} volumes with {config.name}")
     rows, lesions = [], []
     for fut in futures:
         out = fut.result()
         rows += out["rows"]
         lesions += out["lesions"]
+        progress.advance(volumes_per_task)
+    progress.close()
     infer.write_catalog(config.store, rows, lesions)
     if rows:
         create_table_artifact(key=f"infer-{config.name}".lower().replace("_", "-"),

@@ -39,7 +39,7 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
         listing = ingest.Listing.write(iter_inputs(config.sources, scratch / "unpacked"),
                                        scratch / "listing.parquet")
         log.info("%d input files from %d sources", listing.files, len(config.sources))
-        progress = RunProgress(2 * listing.files, "scanning headers")
+        progress = RunProgress(listing.files, f"scanning headers of {listing.files} files")
 
         # 1. Headers, in batches on the Dask workers, each reading its rows of the listing.
         # Batches and jobs travel as JSON text: Prefect walks list and dict parameters element
@@ -56,17 +56,17 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
             if isinstance(result, BaseException):  # after retries: account for the files
                 rows.add("files", _failed_rows([asdict(e) for e in listing.read(start, stop)],
                                                f"header scan failed: {type(result).__name__}: {result}"))
-                progress.advance(2 * (stop - start))
             else:
                 scan_tables.append(result)
-                progress.advance(stop - start)
+            progress.advance(stop - start)
+        progress.close()
 
         # 2. Plan: group by series; files settled by the scan get their rows now.
-        before = rows.files
         task_batches = ingest.plan_jobs(sorted(scan_tables), config.files_per_task, rows,
                                         ingest.Previous(config.store))
-        progress.advance(rows.files - before)
-        progress.phase("converting series")
+        to_convert = sum(j["n"] for jobs in task_batches for j in jobs)
+        progress = RunProgress(to_convert, f"converting {to_convert} files, "
+                                           f"{sum(len(jobs) for jobs in task_batches)} series")
 
         # 3. Convert, a batch of series per task.
         conv = {convert_series.submit(json.dumps(jobs), config.store, config.secret_file, config.chunk,

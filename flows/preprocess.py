@@ -6,6 +6,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import as_completed
 
+from flows.progress import RunProgress
 from flows.runner import run_on_dask
 from tasks.preprocess import preprocess_volumes
 from voxelflow import preprocess
@@ -20,8 +21,10 @@ def preprocess_flow(config: preprocess.PreprocessConfig, volumes_per_task: int =
              config.spacing, len(todo), len(done))
     batches = [todo[i:i + volumes_per_task] for i in range(0, len(todo), volumes_per_task)]
     futures = {preprocess_volumes.submit(config, b): b for b in batches}
+    progress = RunProgress(len(todo), f"preprocessing {len(todo)} volumes")
     rows = []
     for fut in as_completed(list(futures)):
+        progress.advance(len(futures[fut]))
         result = fut.result(raise_on_failure=False)
         if isinstance(result, BaseException):
             rows += [{"volume_id": i["volume"]["volume_id"], "status": "failed",
@@ -30,6 +33,7 @@ def preprocess_flow(config: preprocess.PreprocessConfig, volumes_per_task: int =
                       "modality": i["volume"]["modality"]} for i in futures[fut]]
         else:
             rows += result
+    progress.close()
     preprocess.write_catalog(config, rows)
     summary = preprocess.summarize(config, rows, done)
     create_table_artifact(

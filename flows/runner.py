@@ -6,14 +6,15 @@ from typing import Any
 
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from flows.runtime import dask_task_runner
+from flows.runtime import task_runner
 
 
 def run_on_dask(flow_obj, *args: Any, dask_address: str | None = None, n_workers: int | None = None,
-                api_url: str | None = None, **kwargs: Any) -> Any:
-    """Call ``flow_obj`` with a DaskTaskRunner (an existing scheduler or a LocalCluster),
-    reporting to ``api_url`` when given (the workers get it through the environment)."""
-    run = flow_obj.with_options(task_runner=dask_task_runner(dask_address, n_workers))
+                api_url: str | None = None, in_process: bool = False, **kwargs: Any) -> Any:
+    """Call ``flow_obj`` with a DaskTaskRunner (an existing scheduler or a LocalCluster), or,
+    with ``in_process`` and no scheduler named, on this process's threads; reporting to
+    ``api_url`` when given (the workers get it through the environment)."""
+    run = flow_obj.with_options(task_runner=task_runner(dask_address, n_workers, in_process))
     if api_url:
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             return run(*args, **kwargs)

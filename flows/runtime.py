@@ -199,6 +199,46 @@ def dask_task_runner(address: str | None = None, n_workers: int | None = None):
                         "dashboard_address": ":0"})
 
 
+# An input this small converts sooner in the command's own process (a thread per core) than a
+# Dask cluster starts (~4 s of worker processes importing voxelflow: README, "Small runs").
+SMALL_INPUT_FILES = 2000
+SMALL_INPUT_BYTES = 512 * 2 ** 20
+
+
+def small_input(sources: list[str], max_files: int = SMALL_INPUT_FILES, max_bytes: int = SMALL_INPUT_BYTES) -> bool:
+    """Whether ``sources`` (local files and folders; an archive counts by its size) hold at
+    most ``max_files`` files and ``max_bytes`` bytes. Stops counting as soon as either is
+    passed; object storage is never small (listing it costs what it saves)."""
+    files = size = 0
+    for source in sources:
+        if "://" in str(source):
+            return False
+        stack = [Path(source)]
+        while stack:
+            path = stack.pop()
+            try:
+                if path.is_dir():
+                    stack.extend(path.iterdir())
+                    continue
+                size += path.stat().st_size
+            except OSError:
+                continue  # the ingest reports it, with its reason
+            files += 1
+            if files > max_files or size > max_bytes:
+                return False
+    return True
+
+
+def task_runner(address: str | None = None, n_workers: int | None = None, in_process: bool = False):
+    """Where a flow's tasks run: in this process's threads (``in_process``, a small input and
+    no cluster named), or on Dask (:func:`dask_task_runner`)."""
+    if in_process and not (address or os.environ.get("VOXELFLOW_DASK_ADDRESS")):
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=n_workers or max(1, len(os.sched_getaffinity(0))))
+    return dask_task_runner(address, n_workers)
+
+
 def use_gpu(gpu: bool | None) -> bool:
     """Whether GPU workers take training and inference: as asked, else when this machine has
     a GPU (``None``)."""

@@ -11,6 +11,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.runner import run_on_dask
+from flows.terminal import named_metrics
 from models.distributed import RankLostError, Ranks, free_port
 from models.run import TrainRun
 from models.plan import needs_plan
@@ -41,8 +42,8 @@ def train_flow(run: TrainRun, gpu: bool = False) -> dict:
         summary = future.result()
     if run.plan:
         summary = summary | {"plan": run.plan}
-    get_run_logger().info("model %s/%s on %s: validation %s, promoted %s, %s samples/s", summary["name"],
-                          summary["version"], summary["device"], {k: summary["validation"].get(k) for k in ("monitor",)},
+    get_run_logger().info("model %s/%s on %s: validation %s; promoted %s, %s samples/s", summary["name"],
+                          summary["version"], summary["device"], named_metrics(summary["validation"]),
                           summary["promoted"], summary["throughput"]["samples_per_s"])
     return summary
 

@@ -44,7 +44,7 @@ def _progress(run: TrainRun):
 
     def on_epoch(row: dict) -> None:
         update_progress_artifact(progress, 100.0 * row["epoch"] / run.train.optimisation.epochs)
-        log.info("epoch %d: loss %.4f, validation %.4f, %.1f samples/s, data wait %.0f%%", row["epoch"],
+        log.info("epoch %d: loss %.4f, validation monitor %.4f, %.1f samples/s, data wait %.0f%%", row["epoch"],
                  row["train_loss"], row["monitor"], row["samples_per_s"], 100 * row["data_wait_share"])
 
     return progress, on_epoch
