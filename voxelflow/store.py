@@ -1,4 +1,4 @@
-"""The store: one OME-Zarr (NGFF 0.5, Zarr v3) image group per volume, plus the catalog.
+"""The store: one OME-Zarr (NGFF 0.6, Zarr v3) image group per volume, plus the catalog.
 
 Layout::
 
@@ -10,10 +10,12 @@ Layout::
       catalog/files.parquet     one row per input file
       .staging/                 volumes being written; invisible to readers
 
-Arrays are kept in NGFF axis order ``([t,] z, y, x)``. NGFF 0.5 transforms carry only scale
-and translation, so the exact voxel-to-world affine (RAS mm, index order (x, y, z) = (last
-array axis, ..., )) is stored in the group attributes under ``voxelflow.affine``; use
-:func:`open_volume` to get both.
+Arrays are kept in NGFF axis order ``([t,] z, y, x)``. The exact voxel-to-world affine (RAS
+mm, index order (x, y, z) = (last array axis, ..., )) is stored in the group attributes under
+``voxelflow.affine``, which :func:`open_volume` reads; the NGFF 0.6 metadata says the same
+geometry to other readers as coordinate systems and an ``affine`` transformation (see
+:mod:`voxelflow.ngff`). Stores written before hold NGFF 0.5, whose scale and translation could
+not carry the affine: they open the same way, since ``voxelflow.affine`` was there already.
 
 A volume becomes visible only once complete: it is written under ``.staging/`` and renamed
 into ``volumes/`` in one step (a rename is atomic on a local filesystem), so a killed run
@@ -38,12 +40,12 @@ import xxhash
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
 
-from voxelflow import location
+from voxelflow import location, ngff
 from voxelflow.errors import NotInStoreError, StoreError
 from voxelflow.geometry import level_affine, voxel_sizes  # noqa: F401 - voxel_sizes re-exported
 
 STORE_FORMAT = "voxelflow-store/1"
-NGFF_VERSION = "0.5"
+NGFF_VERSION = ngff.NGFF_VERSION
 DEFAULT_CHUNK = 64
 MIN_LEVEL_SIZE = 32  # stop the pyramid when every spatial axis is at most this long
 
@@ -305,20 +307,12 @@ def content_digest(data: np.ndarray) -> str:
     return "xxh3:" + h.hexdigest()
 
 
-def _axes(ndim: int, channels: str | None = None) -> list[dict[str, str]]:
-    axes = [{"name": n, "type": "space", "unit": "millimeter"} for n in ("z", "y", "x")]
-    if ndim == 4:
-        axes.insert(0, {"name": "c", "type": "channel"} if channels else
-                    {"name": "t", "type": "time", "unit": "second"})
-    return axes
-
-
 def _write_multiscale(group: zarr.Group, data: np.ndarray, spacing_zyx: tuple[float, ...],
                       steps: list[tuple[int, ...]], reduce, chunk: int,
-                      time_step: float | None, channels: str | None = None) -> list[dict[str, Any]]:
-    """Write ``s0, s1, ...`` into ``group``; returns the NGFF ``datasets`` entries."""
-    dim_names = [a["name"] for a in _axes(data.ndim, channels)]
-    datasets = []
+                      time_step: float | None, channels: str | None = None) -> list[ngff.Level]:
+    """Write ``s0, s1, ...`` into ``group``; returns where each level lies on the grid."""
+    dim_names = [a["name"] for a in ngff.array_axes(data.ndim, channels)]
+    levels = []
     level = data
     total = np.ones(3, dtype=np.int64)
     for n in range(len(steps) + 1):
@@ -337,10 +331,8 @@ def _write_multiscale(group: zarr.Group, data: np.ndarray, spacing_zyx: tuple[fl
         if data.ndim == 4:
             scale.insert(0, 1.0 if channels else float(time_step or 1.0))
             translation.insert(0, 0.0)
-        datasets.append({"path": f"s{n}", "coordinateTransformations": [
-            {"type": "scale", "scale": scale},
-            {"type": "translation", "translation": translation}]})
-    return datasets
+        levels.append(ngff.Level(path=f"s{n}", scale=tuple(scale), translation=tuple(translation)))
+    return levels
 
 
 def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, affine: np.ndarray,
@@ -367,6 +359,9 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
         raise ValueError(f"volume {volume_id}: expected 3-D or 4-D data, got shape {data.shape}")
     root = location.path(store)
     spacing_xyz = voxel_sizes(affine)
+    if not (spacing_xyz > 0).all():
+        raise ValueError(f"volume {volume_id}: affine has an index axis of zero length (voxel sizes "
+                         f"{spacing_xyz.tolist()} mm); expected a non-degenerate 4x4 affine")
     spacing_zyx = tuple(float(v) for v in spacing_xyz[::-1])
     steps = pyramid_factors(spacing_zyx, data.shape[-3:])
     digest = content_digest(data)
@@ -375,7 +370,7 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
     try:
         location.makedirs(staging.parent)
         group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
-        datasets = _write_multiscale(group, data, spacing_zyx, steps, downsample, chunk, time_step, channels)
+        levels = _write_multiscale(group, data, spacing_zyx, steps, downsample, chunk, time_step, channels)
         meta = dict(attributes or {})
         meta.update({
             "affine": np.asarray(affine, dtype=np.float64).tolist(),
@@ -384,9 +379,7 @@ def write_volume(store: str | os.PathLike, volume_id: str, data: np.ndarray, aff
             "time_step": time_step,
         } | ({"channels": channels} if channels else {}))
         group.attrs.update({
-            "ome": {"version": NGFF_VERSION, "multiscales": [{
-                "name": volume_id, "axes": _axes(data.ndim, channels), "datasets": datasets,
-                "type": "mean", "metadata": {"method": "voxelflow.store.downsample"}}]},
+            "ome": ngff.image_metadata(volume_id, levels, affine, spacing_xyz, channels=channels),
             "voxelflow": meta,
         })
         _publish(staging, target)
@@ -404,20 +397,25 @@ def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.
     """Store a label map as the OME-Zarr label image ``volumes/<id>/labels/<name>``.
 
     ``labels`` must be on the volume's grid, in its array order ``(z, y, x)``; the pyramid has
-    the image's levels, reduced by majority vote. Written aside and renamed into place.
-    Returns the label's digest.
+    the image's levels, reduced by majority vote, and the image's world geometry. Written
+    aside and renamed into place. Written in the image's NGFF version (0.5 for a volume of an
+    older store), as one hierarchy must not mix versions. Returns the label's digest.
 
     Raises:
         StoreError: the volume does not exist or the label cannot be written.
+        UnsupportedDataError: the volume's NGFF version is not one voxelflow reads.
         ValueError: the label's shape differs from the volume's.
     """
     root = location.path(store)
     image = zarr.open_group(store=str(volume_path(root, volume_id)), mode="r", zarr_format=3)
+    version = ngff.version_of(image.attrs.asdict(), volume_path(root, volume_id))
     base = image[list_levels(image)[0]["path"]]
     if tuple(labels.shape) != tuple(base.shape[-3:]):
         raise ValueError(f"label {name} of volume {volume_id}: shape {labels.shape} differs from the "
                          f"volume's {base.shape[-3:]}")
-    spacing_zyx = tuple(list_levels(image)[0]["coordinateTransformations"][0]["scale"][-3:])
+    affine = np.asarray(image.attrs["voxelflow"]["affine"], dtype=np.float64)
+    spacing_xyz = voxel_sizes(affine)
+    spacing_zyx = tuple(float(v) for v in spacing_xyz[::-1])
     steps = pyramid_factors(spacing_zyx, labels.shape)
     labels_dir = volume_path(root, volume_id) / "labels"
     staging = _staging(root, labels_dir / name, f"{volume_id}.label")
@@ -427,21 +425,18 @@ def write_label(store: str | os.PathLike, volume_id: str, name: str, labels: np.
     try:
         location.makedirs(staging.parent)
         group = zarr.open_group(store=str(staging), mode="w", zarr_format=3)
-        datasets = _write_multiscale(group, labels, spacing_zyx, steps, downsample_labels, chunk, None)
-        group.attrs.update({"ome": {
-            "version": NGFF_VERSION,
-            "multiscales": [{"name": name, "axes": _axes(3), "datasets": datasets, "type": "mode"}],
-            "image-label": {
-                "version": NGFF_VERSION,
-                "colors": [{"label-value": v, "rgba": palette[i % len(palette)]} for i, v in enumerate(values)],
-                "properties": properties or [{"label-value": v} for v in values],
-                "source": {"image": "../../"}}}, "voxelflow": dict(attributes or {})})
+        levels = _write_multiscale(group, labels, spacing_zyx, steps, downsample_labels, chunk, None)
+        group.attrs.update({"ome": ngff.label_metadata(
+            name, levels, affine, spacing_xyz,
+            colors=[{"label-value": v, "rgba": palette[i % len(palette)]} for i, v in enumerate(values)],
+            properties=properties or [{"label-value": v} for v in values], version=version),
+            "voxelflow": dict(attributes or {})})
         if not (labels_dir / "zarr.json").exists():
             zarr.open_group(store=str(labels_dir), mode="a", zarr_format=3)
         _publish(staging, labels_dir / name)
         listing = zarr.open_group(store=str(labels_dir), mode="a", zarr_format=3)
         names = sorted(set(listing.attrs.get("ome", {}).get("labels", [])) | {name})
-        listing.attrs["ome"] = {"version": NGFF_VERSION, "labels": names}
+        listing.attrs["ome"] = ngff.labels_listing(names, version)
     except OSError as exc:
         location.remove_tree(staging)
         raise StoreError(f"cannot write label {name} of volume {volume_id}: {exc}") from exc
@@ -499,14 +494,20 @@ class Volume:
 
 
 def list_levels(group: zarr.Group) -> list[dict[str, Any]]:
-    return group.attrs["ome"]["multiscales"][0]["datasets"]
+    """The NGFF ``datasets`` of an image or label group (each has its array's ``path``), finest
+    first, in NGFF 0.6 or 0.5; :func:`voxelflow.ngff.level_scale` reads a level's voxel size."""
+    return ngff.datasets(group.attrs.asdict())
 
 
 def open_volume(store: str | os.PathLike, volume_id: str, level: int = 0) -> Volume:
     """Open a stored volume (lazily) with the affine of the requested pyramid level.
 
+    Reads volumes written as NGFF 0.6 and those of older stores (0.5) alike: the affine comes
+    from ``voxelflow.affine``, which both hold, and the level's factors from the NGFF scales.
+
     Raises:
-        StoreError: the volume is missing or unreadable.
+        NotInStoreError: the volume or the level is not in the store.
+        UnsupportedDataError: the volume's NGFF version is not one voxelflow reads.
     """
     path = volume_path(store, volume_id)
     try:
@@ -515,11 +516,12 @@ def open_volume(store: str | os.PathLike, volume_id: str, level: int = 0) -> Vol
         array = group[datasets[level]["path"]]
     except (FileNotFoundError, KeyError, IndexError) as exc:
         raise NotInStoreError(f"volume {volume_id} (level {level}) not found in {store}: {exc}") from None
+    ngff.version_of(group.attrs.asdict(), path)
     attrs = dict(group.attrs["voxelflow"])
     base = np.asarray(attrs["affine"], dtype=np.float64)
     # Cumulative per-axis factors of this level, from the NGFF scales (z, y, x).
-    s0 = datasets[0]["coordinateTransformations"][0]["scale"][-3:]
-    sl = datasets[level]["coordinateTransformations"][0]["scale"][-3:]
+    s0 = ngff.level_scale(datasets[0])[-3:]
+    sl = ngff.level_scale(datasets[level])[-3:]
     factors = [round(b / a) for a, b in zip(s0, sl)]
     affine = level_affine(base, factors[::-1])
     return Volume(volume_id=volume_id, array=array, affine=affine, level=level, attributes=attrs)
