@@ -3,16 +3,21 @@
     .venv/bin/python bench/ingest.py                 # CT archive + 10^4 and 10^5 small files
     .venv/bin/python bench/ingest.py --series 2 --slices 60 --many 2000   # a quick look
     .venv/bin/python bench/ingest.py --many 10000,100000,300000 --skip-ct   # memory growth
+    .venv/bin/python bench/ingest.py --study --skip-ct --many ""   # one study: fixed costs
 
 Two archives, both generated (cached in --workdir):
   * the CT archive: 10 series x 300 slices of 512x512 (3,000 files, 1.6 GB) for MB/s;
+  * with --study, one CT study: 3 series x 104 slices of 512x512 (312 files, 164 MB), what a
+    user tries first, where fixed costs count; its default CLI run is broken down from the
+    run's log (imports and API check, flow start, cluster start, scan and conversion, catalog);
   * many-file archives: series of 100 slices of 64x64 (``--many`` files in all; 12 KB a
     file), for files/s and peak memory as the archive grows.
 For each, wall time end to end and peak memory (resident set of the whole process tree,
 sampled every 50 ms) of:
   * dcm2niix -z n and -z y (the reference; single process, as users run it),
   * voxelflow's library in one process, no Prefect or Dask (``run_local``),
-  * ``voxelflow ingest`` (CLI: Prefect flow on a Dask LocalCluster) with 1 and 2 workers.
+  * ``voxelflow ingest`` (CLI) as users run it (a small input on the command's threads, a
+    large one on a Dask LocalCluster), and on a Dask LocalCluster with 1 and 2 workers.
 Prefect + Dask overhead = CLI time with 1 worker - library time (same work, same core).
 The local Prefect server is started before timing and reused, as the CLI does.
 Prints tables with ms/file, files/s, MB/s, peak memory and speed ratios; writes
@@ -132,8 +137,11 @@ class PeakMemory:
         return self.peak
 
 
-def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
-    """Run ``cmd``; its wall time and the peak memory of its process tree."""
+def measured(cmd: list[str], env: dict | None = None, output: dict | None = None) -> tuple[float, int]:
+    """Run ``cmd``; its wall time and the peak memory of its process tree (its output, its
+    start and end times into ``output`` when given)."""
+    if output is not None:
+        output["start"] = time.time()
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     peak = PeakMemory(proc.pid)
@@ -142,6 +150,8 @@ def measured(cmd: list[str], env: dict | None = None) -> tuple[float, int]:
     mem = peak.stop()
     if proc.returncode:
         raise RuntimeError(f"{cmd[:4]} failed ({proc.returncode}):\n{out.decode()[-3000:]}")
+    if output is not None:
+        output |= {"end": time.time(), "text": out.decode(errors="replace")}
     return seconds, mem
 
 
@@ -166,10 +176,41 @@ def run_library(archive: Path, store: Path) -> tuple[float, int]:
     return measured([sys.executable, "-c", code])
 
 
-def run_cli(archive: Path, store: Path, workers: int, env: dict) -> tuple[float, int]:
+def run_cli(archive: Path, store: Path, workers: int | None, env: dict, output: dict | None = None
+            ) -> tuple[float, int]:
     shutil.rmtree(store, ignore_errors=True)
     return measured([sys.executable, "-m", "flows.cli", "ingest", str(archive), "--store", str(store),
-                     "--workers", str(workers)], env)
+                     *(["--workers", str(workers)] if workers else [])], env, output)
+
+
+def breakdown(output: dict) -> dict:
+    """Where a CLI run's time went, from its log file's timestamps (its path is the run's
+    first line): imports and the API check, flow start, cluster start, scan and conversion,
+    catalog and artifacts, exit."""
+    import re
+    from datetime import datetime
+
+    log = Path(re.search(r"^log: (\S+)$", output["text"], re.M).group(1)).read_text()
+    day = datetime.fromtimestamp(output["start"]).strftime("%Y-%m-%d")
+
+    def when(pattern: str, last: bool = False) -> float | None:
+        hits = [m.group(1) for m in re.finditer(r"^(\d\d:\d\d:\d\d\.\d\d\d) \|.*" + pattern, log, re.M)]
+        if not hits:
+            return None
+        return datetime.strptime(f"{day} {hits[-1 if last else 0]}", "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+    flow = when("Beginning flow run")
+    cluster = when("Creating a new Dask cluster")
+    first_task = when("Task run 'scan-headers")
+    last_task = when("Task run 'convert-series.*Finished", last=True)
+    done = when("ingest done:")
+    parts = {"imports, API check": flow - output["start"],
+             "flow start, listing": (cluster or first_task) - flow,
+             "cluster start": (first_task - cluster) if cluster else 0.0,
+             "scan + conversion": last_task - first_task,
+             "catalog, artifacts": done - last_task,
+             "exit": output["end"] - done}
+    return {k: round(v, 2) for k, v in parts.items()}
 
 
 def bench_archive(name: str, archive: Path, work: Path, env: dict) -> dict:
@@ -191,6 +232,8 @@ def bench_archive(name: str, archive: Path, work: Path, env: dict) -> dict:
     record("dcm2niix -z n", run_dcm2niix(archive, out, "n"), out)
     record("dcm2niix -z y", run_dcm2niix(archive, out, "y"), out)
     record("voxelflow library, 1 process (no Prefect/Dask)", run_library(archive, out), out)
+    default: dict = {}
+    record("voxelflow ingest (CLI), as users run it", run_cli(archive, out, None, env, default), out)
     for w in (1, 2):
         record(f"voxelflow ingest (CLI), {w} Dask worker{'s' if w > 1 else ''}", run_cli(archive, out, w, env), out)
     ref = {z: next(r for r in results if r["tool"] == f"dcm2niix -z {z}")["seconds"] for z in "ny"}
@@ -200,7 +243,8 @@ def bench_archive(name: str, archive: Path, work: Path, env: dict) -> dict:
     lib = next(r for r in results if r["tool"].startswith("voxelflow library"))["seconds"]
     cli1 = next(r for r in results if "1 Dask worker" in r["tool"])["seconds"]
     return {"archive": name, "files": n, "input_MB": round(nbytes / 1e6, 1),
-            "prefect_dask_overhead_s": round(cli1 - lib, 2), "results": results}
+            "prefect_dask_overhead_s": round(cli1 - lib, 2), "results": results,
+            "default_cli_breakdown_s": breakdown(default)}
 
 
 def print_table(b: dict) -> None:
@@ -213,6 +257,9 @@ def print_table(b: dict) -> None:
               f"{r['speed_vs_dcm2niix_zn']:.2f}x |")
     over = b["prefect_dask_overhead_s"]
     print(f"\nPrefect + Dask overhead (CLI 1 worker - library): {over:.2f} s ({1000 * over / b['files']:.2f} ms/file)")
+    parts = b["default_cli_breakdown_s"]
+    print("CLI as users run it, from its log: " + ", ".join(f"{k} {v:.2f} s" for k, v in parts.items())
+          + f"; fixed cost (all but scan + conversion) {sum(parts.values()) - parts['scan + conversion']:.2f} s")
 
 
 def main() -> None:
@@ -223,6 +270,7 @@ def main() -> None:
     ap.add_argument("--many", default="10000,100000", help="sizes of the many-file archives (comma-separated; "
                                                            "empty: none)")
     ap.add_argument("--skip-ct", action="store_true")
+    ap.add_argument("--study", action="store_true", help="also one CT study: 3 series x 104 slices of 512x512")
     ap.add_argument("--workdir", default=str(ROOT / "bench-output"))
     args = ap.parse_args()
     work = Path(args.workdir)
@@ -230,6 +278,8 @@ def main() -> None:
 
     print("generating the archives (cached between runs)...", file=sys.stderr)
     archives = []
+    if args.study:
+        archives.append(("CT study (3 series of 104 x 512x512)", make_archive(work / "study", 3, 104, 512)))
     if not args.skip_ct:
         archives.append((f"CT archive ({args.series} series of {args.slices} x {args.size}x{args.size})",
                          make_archive(work, args.series, args.slices, args.size)))

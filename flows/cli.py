@@ -60,10 +60,13 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     from flows.ingest import run_ingest
     from flows.runtime import small_input
 
-    # a study converts in this process sooner than a Dask cluster starts
-    in_process = args.workers is None and small_input(config.sources)
+    # a study converts in this process sooner than a Dask cluster starts; in a task a thread,
+    # since each task costs a few API calls
+    files = small_input(config.sources) if args.workers is None else None
+    if files is not None and config.batch_size is None:
+        config = config.model_copy(update={"batch_size": max(1, -(-files // len(os.sched_getaffinity(0))))})
     summary = run_ingest(config, dask_address=args.dask_address, n_workers=args.workers,
-                         api_url=api.api_url, in_process=in_process)
+                         api_url=api.api_url, in_process=files is not None)
     _print_summary(summary)
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))

@@ -205,14 +205,15 @@ SMALL_INPUT_FILES = 2000
 SMALL_INPUT_BYTES = 512 * 2 ** 20
 
 
-def small_input(sources: list[str], max_files: int = SMALL_INPUT_FILES, max_bytes: int = SMALL_INPUT_BYTES) -> bool:
-    """Whether ``sources`` (local files and folders; an archive counts by its size) hold at
-    most ``max_files`` files and ``max_bytes`` bytes. Stops counting as soon as either is
-    passed; object storage is never small (listing it costs what it saves)."""
+def small_input(sources: list[str], max_files: int = SMALL_INPUT_FILES, max_bytes: int = SMALL_INPUT_BYTES) -> int | None:
+    """How many files ``sources`` (local files and folders; an archive counts as one file, by
+    its size) hold, if at most ``max_files`` files and ``max_bytes`` bytes, else None. Stops
+    counting as soon as either is passed; object storage is never small (listing it costs what
+    it saves)."""
     files = size = 0
     for source in sources:
         if "://" in str(source):
-            return False
+            return None
         stack = [Path(source)]
         while stack:
             path = stack.pop()
@@ -225,8 +226,8 @@ def small_input(sources: list[str], max_files: int = SMALL_INPUT_FILES, max_byte
                 continue  # the ingest reports it, with its reason
             files += 1
             if files > max_files or size > max_bytes:
-                return False
-    return True
+                return None
+    return files
 
 
 def task_runner(address: str | None = None, n_workers: int | None = None, in_process: bool = False):

@@ -24,11 +24,11 @@ def study(tmp_path_factory):
 
 
 def test_small_input_counts_files_and_bytes_and_stops_early(study, tmp_path):
-    assert small_input([str(study)])
-    assert not small_input([str(study)], max_files=10)
-    assert not small_input([str(study)], max_bytes=1000)
-    assert not small_input(["s3://bucket/archive"])  # listing object storage costs what it saves
-    assert small_input([str(tmp_path / "missing")])  # the ingest reports it, with its reason
+    assert small_input([str(study)]) == 25
+    assert small_input([str(study)], max_files=10) is None
+    assert small_input([str(study)], max_bytes=1000) is None
+    assert small_input(["s3://bucket/archive"]) is None  # listing object storage costs what it saves
+    assert small_input([str(tmp_path / "missing")]) == 0  # the ingest reports it, with its reason
 
 
 def _pids(log_text: str) -> set[int]:
