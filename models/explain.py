@@ -1,5 +1,6 @@
 """Explainability for classifiers: Grad-CAM maps (MONAI) over whole volumes, stored next to
-the preprocessed volume they explain, with a QC image (the slice through the map's peak)."""
+the preprocessed volume they explain, with a QC image (the three planes through the map's
+peak, in the style of the store's QC report, :mod:`voxelflow.qc`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from voxelflow import location
+from voxelflow import location, qc
 from voxelflow.store import open_volume, write_volume
 from models.networks import Planar
 
@@ -52,19 +53,26 @@ def store_saliency(root: str | Path, tag: str, volume_id: str, saliency: np.ndar
     return out
 
 
-def qc_image(image_zyx: np.ndarray, saliency_zyx: np.ndarray, path: str | Path) -> Path:
-    """The slice through the saliency peak: image in grey, saliency in red."""
+def qc_image(image_zyx: np.ndarray, saliency_zyx: np.ndarray, path: str | Path, *,
+             affine: np.ndarray | None = None, size: int = 256) -> Path:
+    """The three orthogonal planes through the saliency peak, side by side (``3 * size`` x
+    ``size`` px), drawn as the store's QC report draws volumes (:mod:`voxelflow.qc`): anatomy
+    in grey between its 1st and 99th percentiles, oriented and scaled by ``affine`` (RAS, index
+    ``(x, y, z)``; without it the voxel axes are taken as RAS at 1 mm), and the map over it in
+    inferno colours, its opacity proportional to its value, so the anatomy under a weak
+    response stays visible."""
     from PIL import Image
 
-    k = int(np.unravel_index(int(saliency_zyx.argmax()), saliency_zyx.shape)[0])
-    img = image_zyx[k].astype(np.float32)
-    lo, hi = np.percentile(img, [1, 99])
-    grey = np.clip((img - lo) / ((hi - lo) or 1.0), 0, 1)
-    rgb = np.stack([grey, grey, grey], -1)
-    rgb[..., 0] = np.clip(grey * 0.6 + saliency_zyx[k] * 0.8, 0, 1)
-    pil = Image.fromarray((rgb * 255).astype(np.uint8))
-    pil = pil.resize((pil.width * 3, pil.height * 3), Image.NEAREST)
-    location.save_png(pil, path)
+    affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+    peak = np.unravel_index(int(saliency_zyx.argmax()), saliency_zyx.shape)
+    cuts = qc.orthogonal_cuts(affine, image_zyx.shape, centre_zyx=peak)
+    planes = [c.take(image_zyx) for c in cuts]
+    window = qc.display_window(None, planes)
+    px_per_mm = qc.scale_for(image_zyx.shape, affine, size)
+    strip = Image.new("RGB", (size * len(cuts), size))
+    for k, (cut, plane) in enumerate(zip(cuts, planes)):
+        strip.paste(qc.panel(plane, cut, window, px_per_mm, size, heat=cut.take(saliency_zyx)), (k * size, 0))
+    location.save_png(strip, path)
     return location.path(path)
 
 
@@ -76,5 +84,5 @@ def explain_stored(store: str, pre_version: str, tag: str, model, patch_size, vo
     data = np.ascontiguousarray(vol.array[...], dtype=np.float32)
     sal = gradcam_volume(model, torch.from_numpy(data)[None, None].to(device), patch_size, class_index)
     out = store_saliency(root, tag, volume_id, sal, vol.affine)
-    png = qc_image(data, sal, out / f"{volume_id}.png")
+    png = qc_image(data, sal, out / f"{volume_id}.png", affine=vol.affine)
     return out, png
