@@ -252,6 +252,23 @@ def _flat_columns(table):
     return pa.table(columns, names=table.column_names)
 
 
+def cmd_qc(args: argparse.Namespace) -> int:
+    """The store's QC gallery, brought up to date (no Prefect: a file written into the store)."""
+    import json as _json
+
+    from voxelflow import location as _location
+    from voxelflow.qc import write_report
+
+    html = write_report(args.store, workers=args.workers or max(1, len(os.sched_getaffinity(0))), force=args.force)
+    index = _json.loads(_location.read_bytes(_location.path(html).parent / "index.json"))
+    run = index["run"]
+    print(f"QC gallery: {html} ({index['counts']['volumes']} volumes; {run['rendered']} drawn, "
+          f"{run['reused']} unchanged, in {run['seconds']:.1f} s)")
+    if not _location.is_url(args.store):
+        print(f"open file://{os.path.abspath(html)}")
+    return 0
+
+
 def cmd_preprocess(args: argparse.Namespace) -> int:
     _preprocess(args)
     return 0
@@ -540,6 +557,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs for the demo's segmentation and classification models (0: skip training)")
     add_dask(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("qc", help="write the store's QC gallery (STORE/qc/index.html): planes, outlines, reasons")
+    p.add_argument("store")
+    p.add_argument("--force", action="store_true", help="draw every volume again")
+    p.add_argument("--workers", type=int, default=None, help="volumes drawn at once (default: one per core)")
+    p.set_defaults(func=cmd_qc)
 
     p = sub.add_parser("catalog", help="SQL (DuckDB) over the store's catalog tables")
     p.add_argument("store")

@@ -10,13 +10,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from flows.progress import RunProgress
 from flows.runner import run_on_dask
+from tasks.qc import gallery
 from tasks.artifacts import png_markdown
 from tasks.infer import infer_volumes
 from models import infer
 
 
 @flow(name="infer", description="Sliding-window inference; predictions written back next to the images")
-def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: int = 4) -> dict:
+def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: int = 4, qc: bool = True) -> dict:
     info = infer.model_info(config)
     todo, done = infer.plan(config, info)
     get_run_logger().info("model %s/%s: %d volumes to predict, %d already predicted", config.name, info["version"],
@@ -47,7 +48,8 @@ def infer_flow(config: infer.InferConfig, gpu: bool = False, volumes_per_task: i
                                                                       f"Grad-CAM {r['volume_id']}: {r['prediction']}")
                                                         for r in qc[:6]))
     return {"model": config.name, "version": info["version"], "predicted": len(rows), "skipped": len(done),
-            "lesions": len(lesions), **({"members": info["members"]} if "members" in info else {})}
+            "lesions": len(lesions), **({"members": info["members"]} if "members" in info else {}),
+            **({"qc_report": gallery(config.store)} if qc else {})}
 
 
 def run_infer(config: infer.InferConfig, gpu: bool | None = None, **kwargs) -> dict:

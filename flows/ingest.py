@@ -15,6 +15,7 @@ from prefect.utilities.urls import url_for
 
 from flows.progress import RunProgress
 from flows.runner import run_on_dask
+from tasks.qc import gallery
 from tasks.ingest import convert_series, scan_headers
 from voxelflow import catalog, ingest
 from voxelflow.io.sources import iter_inputs
@@ -27,8 +28,9 @@ def _failed_rows(records: list[dict], reason: str) -> list[dict]:
 
 
 @flow(name="ingest", description="DICOM/NIfTI sources into an OME-Zarr store with a catalog")
-def ingest_flow(config: ingest.IngestConfig) -> dict:
-    """Ingest ``config.sources`` into ``config.store``; returns the run summary."""
+def ingest_flow(config: ingest.IngestConfig, qc: bool = True) -> dict:
+    """Ingest ``config.sources`` into ``config.store``; returns the run summary. ``qc``: bring
+    the store's QC gallery up to date (``STORE/qc/index.html``)."""
     log = get_run_logger()
     ingest.prepare_store(config.store, config.secret_file)
     scratch = Path(config.scratch) if config.scratch else Path(ingest.default_scratch())
@@ -116,6 +118,8 @@ def ingest_flow(config: ingest.IngestConfig) -> dict:
     log.info("ingest done: %d files, %d converted, %d skipped, %d failed, %d volumes",
              summary["files"], summary["converted"], summary["skipped"], summary["failed"],
              summary["volumes"])
+    if qc:
+        summary["qc_report"] = gallery(config.store)
     return summary
 
 

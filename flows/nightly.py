@@ -17,6 +17,7 @@ from flows.train import train_flow
 from tasks.retry import RETRY
 from flows.nightly_config import NightlyConfig, attach_labels
 from flows.runtime import dask_task_runner, local_cluster, use_gpu
+from tasks.qc import gallery
 
 
 @task(name="attach-labels", cache_policy=NO_CACHE, **RETRY)
@@ -122,7 +123,7 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
     try:
         with _cluster(dask_address, n_workers) as address:
             runner = dask_task_runner(address)
-            ingest = _stage("ingest", ingest_flow.with_options(task_runner=runner), config.ingest_config())
+            ingest = _stage("ingest", ingest_flow.with_options(task_runner=runner), config.ingest_config(), qc=False)
             record("ingest", ingest, detail=f"{ingest['volumes']} volumes, {ingest['files']} files "
                                            f"({ingest.get('failed', 0)} failed, {ingest.get('skipped', 0)} skipped)")
             labels = _stage("labels", labels_flow, config)
@@ -143,9 +144,14 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
                     if not spec.predicts():
                         continue
                     out = _stage(f"infer {spec.name}", infer_flow.with_options(task_runner=runner),
-                                 config.infer_config(spec), gpu=gpu)
+                                 config.infer_config(spec), gpu=gpu, qc=False)
                     record(f"infer {spec.name}", out, detail=f"{out['predicted']} predicted, "
                                                              f"{out['skipped']} already done")
+            # the gallery once, with every model's predictions of tonight (a step of its own:
+            # a report that cannot be written is a warning, not a failed night)
+            report = gallery(config.store)
+            stages.append({"stage": "qc", "status": "completed" if report else "failed",
+                           "detail": report or "not written (see the run's log)"})
     except BaseException as exc:
         stages.append({"stage": "failed", "status": type(exc).__name__, "detail": str(exc)[:500]})
         raise

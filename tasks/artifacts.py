@@ -8,7 +8,12 @@ from pathlib import Path
 from voxelflow import location
 
 
-def png_markdown(path: Path, title: str) -> str:
-    """Markdown showing a PNG inline (a data URL, which the Prefect UI renders), with its path."""
+def png_inline(path: Path, title: str) -> str:
+    """A PNG as a Markdown image (a data URL, which the Prefect UI renders)."""
     data = base64.b64encode(location.path(path).read_bytes()).decode()
-    return f"### {title}\n\n![{title}](data:image/png;base64,{data})\n\n`{path}`"
+    return f"![{title}](data:image/png;base64,{data})"
+
+
+def png_markdown(path: Path, title: str) -> str:
+    """Markdown showing a PNG inline under a heading, with its path."""
+    return f"### {title}\n\n{png_inline(path, title)}\n\n`{path}`"

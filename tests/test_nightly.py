@@ -4,6 +4,7 @@ visibly and keeps what earlier stages wrote; deployments for `voxelflow serve`."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -45,11 +46,18 @@ def test_nightly_runs_every_stage_and_reruns_safely(archive, prefect_server):
 
     config = _config(archive)
     first = run_nightly(config, n_workers=2)
-    assert [s["stage"] for s in first["stages"]] == ["ingest", "labels", "preprocess", "train seg", "infer seg"]
+    assert [s["stage"] for s in first["stages"]] == [
+        "ingest", "labels", "preprocess", "train seg", "infer seg", "qc"]
     assert registry.current(config.store, "seg")["version"] == first["models"]["seg"]["version"]
     predicted = [r for r in catalog.read_table(config.store, "predictions").to_pylist() if r["model"] == "seg"]
     labelled = {r["volume_id"] for r in catalog.read_table(config.store, "labels").to_pylist()}
     assert {r["volume_id"] for r in predicted} == labelled  # every preprocessed volume predicted
+    # the QC gallery: every volume, tonight's predictions among its outlines
+    index = json.loads((Path(config.store) / "qc" / "index.json").read_text())
+    assert {v["volume_id"] for v in index["volumes"]} == {
+        r["volume_id"] for r in catalog.read_table(config.store, "volumes").to_pylist()}
+    assert {p["model"] for v in index["volumes"] for p in v["predictions"]} == {"seg"}
+    assert first["stages"][-1]["detail"].endswith("index.html")
     splits = catalog.read_table(config.store, "splits").to_pylist()
     # the same night again: nothing is lost or redone that need not be
     second = run_nightly(config, n_workers=2)
@@ -60,6 +68,8 @@ def test_nightly_runs_every_stage_and_reruns_safely(archive, prefect_server):
     with get_client(sync_client=True) as client:
         arts = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nightly"])))
         assert arts and "preprocess" in json.dumps(arts[0].data)
+        gallery = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["qc-gallery"])))
+        assert gallery and "index.html" in gallery[0].data and "data:image/png;base64," in gallery[0].data
         runs = client.read_flow_runs()
     names = {client_run.name for client_run in runs}
     assert names  # subflow runs are recorded under the nightly run
@@ -238,7 +248,8 @@ def test_the_whole_pipeline_runs_on_a_cluster_started_from_the_command_line(arch
             summary = run_nightly(config, dask_address=address)
             # tasks each worker process executed (Prefect tasks of every stage run there)
             done = client.run(lambda dask_worker: dask_worker.state.executed_count)
-    assert [s["stage"] for s in summary["stages"]] == ["ingest", "labels", "preprocess", "train seg", "infer seg"]
+    assert [s["stage"] for s in summary["stages"]] == [
+        "ingest", "labels", "preprocess", "train seg", "infer seg", "qc"]
     assert len(workers) == 2 and os.getpid() not in workers
     assert sum(done.values()) >= 5 and all(v > 0 for v in done.values()), done
     predicted = [r for r in catalog.read_table(config.store, "predictions").to_pylist() if r["model"] == "seg"]

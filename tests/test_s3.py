@@ -74,7 +74,8 @@ def test_pipeline_on_object_storage(s3, prefect_server, tmp_path):
         split=(0.5, 0.25, 0.25), preprocess={"spacing": [3.0, 3.0, 4.0]},
         models=[ModelSpec(name="seg", task="segmentation", settings=TINY)])
     summary = run_nightly(config, n_workers=2)
-    assert [s["stage"] for s in summary["stages"]] == ["ingest", "labels", "preprocess", "train seg", "infer seg"]
+    assert [s["stage"] for s in summary["stages"]] == [
+        "ingest", "labels", "preprocess", "train seg", "infer seg", "qc"]
 
     # every input file is accounted for, under its s3:// source
     files = catalog.read_table(store, "files").to_pylist()
