@@ -27,6 +27,8 @@ def _first_run(store: str, home: str, start, results) -> None:
         results.put((home, "ok", sid))
     except ConfigurationError as exc:
         results.put((home, "refused", str(exc)))
+    except Exception as exc:  # anything else is a failure of the test, reported, not a hang
+        results.put((home, "error", f"{type(exc).__name__}: {exc}"))
 
 
 @pytest.mark.parametrize("attempt", range(6))

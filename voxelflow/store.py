@@ -80,7 +80,10 @@ def init_store(path: str | os.PathLike) -> str:
         else:
             _create_exclusively(root, sid)
         sid = store_id(root)  # another run's, when it created the store first
-        zarr.open_group(store=str(root), mode="a", zarr_format=3).require_group("volumes")
+        try:
+            zarr.open_group(store=str(root), mode="a", zarr_format=3).require_group("volumes")
+        except zarr.errors.ContainsGroupError:
+            pass  # another first run created it between the check and the write
         location.makedirs(root / "catalog")
         return sid
     except StoreError:

@@ -1,0 +1,2 @@
+"""The implementations of ``voxelflow``'s commands, by what they work on; ``flows/cli.py``
+holds the parser that names them."""
