@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections import Counter
 
 import pyarrow.parquet as pq
@@ -39,11 +40,15 @@ def test_series_per_modality_and_warnings_match_the_catalog(labelled_store):
     assert makers == [{"maker": "voxelflow-phantom", "n": sum(v["modality"] == "CT" for v in volumes)}]
 
 
-def test_tables_a_store_does_not_have_yet_are_empty_views(labelled_store):
-    assert not (catalog.catalog_dir(labelled_store) / "lesions.parquet").exists()
-    assert query(labelled_store, LESIONS_ABOVE).num_rows == 0
-    assert query(labelled_store, "SELECT count(*) AS n FROM files").column("n").to_pylist() == [
-        catalog.read_table(labelled_store, "files").num_rows]
+def test_tables_a_store_does_not_have_yet_are_empty_views(labelled_store, tmp_path):
+    # a copy of the catalog without predictions (other tests predict into the shared store)
+    shutil.copytree(catalog.catalog_dir(labelled_store), tmp_path / "store" / "catalog")
+    for name in ("predictions", "lesions"):
+        (tmp_path / "store" / "catalog" / f"{name}.parquet").unlink(missing_ok=True)
+    store = tmp_path / "store"
+    assert query(store, LESIONS_ABOVE).num_rows == 0
+    assert query(store, "SELECT count(*) AS n FROM files").column("n").to_pylist() == [
+        catalog.read_table(store, "files").num_rows]
 
 
 def test_refused_queries_name_the_problem(labelled_store, tmp_path):
