@@ -270,8 +270,9 @@ def output_classes(fp: Fingerprint, config: TrainConfig) -> int:
 def plan_run(run: TrainRun, memory: tuple[int, str] | None = None) -> tuple[TrainRun, Plan]:
     """``run`` with the settings it did not give planned from its preprocessed copy's
     fingerprint for ``memory`` (default: this process's training device), and the plan, which
-    is saved in the store's registry (``STORE/plans/<id>.json``)."""
-    fp = fingerprint(run.store, run.label_name, version=run.version, seed=run.train.optimisation.seed)
+    is saved in the store's registry (``STORE/plans/<id>.json``). The copy is normalised
+    already: its plan reads the catalog only, no volume."""
+    fp = fingerprint(run.store, run.label_name, version=run.version, intensities=False)
     plan = make_plan(fp, run.train.task, memory, base=run.train, fixed=explicit_settings(run.train),
                      num_classes=output_classes(fp, run.train))
     registry.save_plan(run.store, plan_json(plan))

@@ -111,7 +111,7 @@ def target_spacing(spacings, shapes) -> tuple[float, float, float]:
 
 
 def fingerprint(store: str | os.PathLike, label_name: str = "segmentation", version: str | None = None,
-                samples_per_volume: int = SAMPLES_PER_VOLUME, seed: int = 0) -> Fingerprint:
+                samples_per_volume: int = SAMPLES_PER_VOLUME, seed: int = 0, intensities: bool = True) -> Fingerprint:
     """The fingerprint of the volumes of ``store`` labelled ``label_name``.
 
     Args:
@@ -121,6 +121,8 @@ def fingerprint(store: str | os.PathLike, label_name: str = "segmentation", vers
             volumes' (the intensities stay the raw ones: HU for CT).
         samples_per_volume: foreground voxels drawn per volume for the intensity statistics.
         seed: the draw's seed.
+        intensities: sample the foreground intensities (every labelled volume is read); without,
+            the fingerprint holds the catalog's facts only (what sizing a patch needs).
 
     Raises:
         InvalidInputError: no volume carries that label.
@@ -144,7 +146,7 @@ def fingerprint(store: str | os.PathLike, label_name: str = "segmentation", vers
                 class_voxels[int(value)] = class_voxels.get(int(value), 0) + int(count)
     rng = np.random.default_rng(seed)
     samples: dict[str, list[np.ndarray]] = {}
-    for vid in labelled:
+    for vid in labelled if intensities else []:
         samples.setdefault(by_id[vid]["modality"] or "OT", []).append(
             _foreground_sample(store, vid, label_name, samples_per_volume, rng))
     return Fingerprint(store=store, label_name=label_name, version=version, volumes=tuple(labelled),
