@@ -12,12 +12,12 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.infer import infer_flow
 from flows.ingest import ingest_flow
+from flows.nightly_config import NightlyConfig, attach_labels
 from flows.preprocess import preprocess_flow
+from flows.qc import qc_flow
+from flows.runtime import dask_task_runner, local_cluster, use_gpu
 from flows.train import train_flow
 from tasks.retry import RETRY
-from flows.nightly_config import NightlyConfig, attach_labels
-from flows.runtime import dask_task_runner, local_cluster, use_gpu
-from tasks.qc import gallery
 
 
 @task(name="attach-labels", cache_policy=NO_CACHE, **RETRY)
@@ -149,7 +149,7 @@ def nightly_flow(config: NightlyConfig | None = None, config_file: str | None = 
                                                              f"{out['skipped']} already done")
             # the gallery once, with every model's predictions of tonight (a step of its own:
             # a report that cannot be written is a warning, not a failed night)
-            report = gallery(config.store)
+            report = _stage("qc", qc_flow.with_options(task_runner=runner), config.store)
             stages.append({"stage": "qc", "status": "completed" if report else "failed",
                            "detail": report or "not written (see the run's log)"})
     except BaseException as exc:

@@ -1,5 +1,6 @@
-"""The QC gallery as a flow step: the report written into the store (only what changed drawn
-again), and a Prefect artifact that links to it and shows its first volumes."""
+"""The QC gallery as a flow step: the report planned in the flow, its volumes drawn in batches
+on the flow's workers (a first report of 10^4 volumes is minutes of drawing), the index written,
+and a Prefect artifact that links to it and shows its first volumes."""
 
 from __future__ import annotations
 
@@ -13,25 +14,37 @@ from prefect.cache_policies import NO_CACHE
 from tasks.artifacts import png_inline
 from tasks.retry import RETRY
 from voxelflow import location
-from voxelflow.qc import write_report
+from voxelflow.qc import draw_volumes, finish_report, plan_report
 
 SHOWN = 4  # volumes the artifact shows (the report holds them all)
+VOLUMES_PER_TASK = 64  # ~0.1-0.2 s a volume: a task of a few seconds to tens of seconds
+MAX_TASKS = 64
+
+
+@task(name="qc-draw", cache_policy=NO_CACHE, **RETRY)
+def draw(store: str, jobs_json: str, size: int) -> list[dict]:
+    """Draw a batch of the report's volumes (jobs travel as JSON text, like ingest's)."""
+    return draw_volumes(store, json.loads(jobs_json), size, workers=max(1, len(os.sched_getaffinity(0))))
 
 
 def gallery(store: str) -> str | None:
-    """A flow's QC step: the report's path, or None when it could not be written (the run's
-    data is safe without it: a warning says why, the flow goes on)."""
-    result = qc_report.submit(store).result(raise_on_failure=False)
-    if isinstance(result, BaseException):
-        get_run_logger().warning("QC gallery of %s not written: %s: %s", store, type(result).__name__, result)
+    """Bring ``STORE/qc/index.html`` up to date from inside a flow; returns its path, or None
+    when it could not be written (the run's data is safe without it: a warning says why)."""
+    log = get_run_logger()
+    try:
+        plan = plan_report(store)
+        per_task = max(VOLUMES_PER_TASK, -(-len(plan.jobs) // MAX_TASKS))
+        futures = [draw.submit(store, json.dumps(plan.jobs[i:i + per_task]), plan.size)
+                   for i in range(0, len(plan.jobs), per_task)]
+        html = finish_report(plan, [d for f in futures for d in f.result()])
+    except Exception as exc:  # noqa: BLE001 - a report is a view of the data, never a reason to fail a run
+        log.warning("QC gallery of %s not written: %s: %s", store, type(exc).__name__, exc)
         return None
-    return result
+    _publish(store, html)
+    return str(html)
 
 
-@task(name="qc-report", cache_policy=NO_CACHE, **RETRY)
-def qc_report(store: str) -> str:
-    """Write ``STORE/qc/index.html``; returns its path."""
-    html = write_report(store, workers=max(1, len(os.sched_getaffinity(0))))
+def _publish(store: str, html) -> None:
     index = json.loads(location.read_bytes(location.path(html).parent / "index.json"))
     run, counts = index["run"], index["counts"]
     not_converted = sum(n for status, n in counts["files"].items() if status != "converted")
@@ -49,4 +62,3 @@ def qc_report(store: str) -> str:
                      f"\n\n{images}\n")
     create_markdown_artifact(key="qc-gallery", markdown="\n".join(lines),
                              description=f"QC gallery of {store} (first {SHOWN} volumes; the whole report: {html})")
-    return str(html)

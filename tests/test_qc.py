@@ -440,3 +440,32 @@ def test_the_page_loads_its_images_searches_and_pages_in_chromium(qc_store):
         server.shutdown()
         server.server_close()
     assert not errors, errors
+
+
+@pytest.mark.slow
+def test_the_flow_step_draws_in_batches_on_dask_workers(labelled_store, tmp_path, prefect_server, monkeypatch):
+    """The qc flow (the nightly's last stage; ingest and infer end with the same step) spreads
+    the drawing over the cluster in batches and writes the same report as the library."""
+    import tasks.qc
+    from flows.qc import run_qc
+
+    store = tmp_path / "store"
+    shutil.copytree(labelled_store, store, ignore=shutil.ignore_patterns("qc"))
+    monkeypatch.setattr(tasks.qc, "VOLUMES_PER_TASK", 2)  # planned in the flow, in this process
+    html = run_qc(str(store), n_workers=2)
+    index = _index(store)
+    volumes = catalog.read_table(store, "volumes").to_pylist()
+    assert html.endswith("index.html") and index["run"]["rendered"] == len(volumes) == len(index["volumes"])
+    assert all(len(v["images"]) == 3 for v in index["volumes"])
+    assert len(_pngs(store)) == 3 * len(volumes)
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName, TaskRunFilter, TaskRunFilterFlowRunId
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=["qc"])),
+                                    sort=FlowRunSort.START_TIME_DESC, limit=1)[0]
+        tasks_of_run = client.read_task_runs(task_run_filter=TaskRunFilter(
+            flow_run_id=TaskRunFilterFlowRunId(any_=[run.id])))
+    draws = [t for t in tasks_of_run if t.name.startswith("qc-draw")]
+    assert len(draws) == -(-len(volumes) // 2)  # batches of 2 volumes, each a task on the cluster

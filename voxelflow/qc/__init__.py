@@ -37,7 +37,10 @@ its predictions, or the drawing itself (:data:`RENDER_VERSION`, ``size``).
 from voxelflow.qc.planes import (
     CT_WINDOW, LABEL_COLOURS, MODEL_COLOURS, VIEWS, PlaneCut, display_window, inferno, orthogonal_cuts, panel, scale_for,
 )
-from voxelflow.qc.report import RENDER_VERSION, REPORT_FORMAT, _hex, write_report  # noqa: F401 - _hex: the legend's colours
+from voxelflow.qc.report import (
+    RENDER_VERSION, REPORT_FORMAT, ReportPlan, _hex, draw_volumes, finish_report, plan_report, write_report,
+)  # noqa: F401 - _hex: the legend's colours
 
 __all__ = ["CT_WINDOW", "LABEL_COLOURS", "MODEL_COLOURS", "RENDER_VERSION", "REPORT_FORMAT", "VIEWS", "PlaneCut",
-           "display_window", "inferno", "orthogonal_cuts", "panel", "scale_for", "write_report"]
+           "display_window", "inferno", "orthogonal_cuts", "panel", "scale_for", "write_report", "ReportPlan",
+           "plan_report", "draw_volumes", "finish_report"]

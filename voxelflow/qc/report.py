@@ -8,7 +8,7 @@ import json
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Sequence
@@ -187,9 +187,158 @@ def _relative_qc_image(path: str | None, store: str | os.PathLike, qc: Path) -> 
     return Path(os.path.relpath(Path(path).resolve(), Path(qc).resolve())).as_posix()
 
 
+@dataclass
+class ReportPlan:
+    """What a report run will write: every volume's entry (those whose images are current keep
+    them) and the drawing jobs of the others; :func:`draw_volumes` does the jobs (anywhere:
+    they are plain JSON-able dicts), :func:`finish_report` writes the index."""
+
+    store: str
+    size: int
+    started: float
+    entries: list[dict[str, Any]]
+    jobs: list[dict[str, Any]]
+    drawn_before: dict[str, dict[str, Any]]
+    legend: dict[str, dict[str, str]]
+    file_counts: dict[str, int]
+    files: list[dict[str, Any]]
+
+
+def plan_report(store: str | os.PathLike, *, size: int = 256, force: bool = False) -> ReportPlan:
+    """Read the catalog and the last report; decide what must be drawn.
+
+    Raises:
+        SettingError: ``store`` has no catalog.
+        ValueError: ``size`` out of range.
+    """
+    if size < 16:
+        raise ValueError(f"QC report of {store}: size >= 16 expected, got {size}")
+    started = time.perf_counter()
+    qc = location.path(store) / "qc"
+    cat = _catalog(store)  # first: on a folder that is not a store, fail before writing into it
+    labels, predictions = _by_volume(cat["labels"]), _by_volume(cat["predictions"])
+    classes = _by_volume(cat["classes"])
+    splits = {r["volume_id"]: r["split"] for r in cat["splits"]}
+    models = sorted({r["model"] for r in cat["predictions"] if r["label_name"]})
+    before = _previous(qc)
+    model_colour = _model_colours(models, before.get("legend", {}).get("models", {}))
+    drawn = {v["volume_id"]: v for v in before.get("volumes", [])}  # what the last report drew
+    previous = {} if force else drawn
+    label_values: set[int] = set()
+
+    entries, jobs = [], []
+    for row in cat["volumes"]:
+        vid = row["volume_id"]
+        overlays = _overlays(labels.get(vid, []), predictions.get(vid, []), model_colour)
+        key = _render_key(row, overlays, size)
+        label_values.update(v for o in overlays for v in o.values)
+        entry = {
+            "volume_id": vid, "kind": row["kind"], "modality": row["modality"], "shape": row["shape"],
+            "spacing": [round(float(s), 4) for s in row["spacing"] or []], "orientation": row["orientation"],
+            "dtype": row["dtype"], "n_files": row["n_files"], "warnings": row["warnings"] or [],
+            "classes": [r["label"] for r in classes.get(vid, [])], "split": splits.get(vid),
+            "labels": [{"name": o.name, "values": list(o.values)} for o in overlays if o.model is None],
+            "predictions": [{"model": r["model"], "version": r["version"], "task": r["task"],
+                             "prediction": r["prediction"], "label_name": r["label_name"],
+                             "qc_image": _relative_qc_image(r["qc_image"], store, qc)}
+                            for r in predictions.get(vid, [])],
+            "render_key": key, "images": {}, "notes": [],
+        }
+        old = previous.get(vid)
+        if old and old.get("render_key") == key and old.get("images") is not None and \
+                all((qc / n.split("?")[0]).exists() for n in old["images"].values()):
+            entry["images"], entry["notes"] = old["images"], old.get("notes", [])
+        else:
+            jobs.append({"volume_id": vid, "levels": row.get("levels"), "modality": row.get("modality"),
+                         "render_key": key, "overlays": [asdict(o) for o in overlays]})
+        entries.append(entry)
+    legend = {"labels": {str(v): _hex(LABEL_COLOURS[(v - 1) % len(LABEL_COLOURS)]) for v in sorted(label_values)},
+              "models": {m: _hex(c) for m, c in model_colour.items()}}
+    return ReportPlan(store=str(store), size=size, started=started, entries=entries, jobs=jobs, drawn_before=drawn,
+                      legend=legend, file_counts={r["status"]: int(r["n"]) for r in cat["file_counts"]},
+                      files=[{"source": r["source"], "path": r["path"], "status": r["status"], "reason": r["reason"]}
+                             for r in cat["files"]])
+
+
+def draw_volumes(store: str | os.PathLike, jobs: Sequence[dict[str, Any]], size: int = 256,
+                 workers: int = 1) -> list[dict[str, Any]]:
+    """Draw the volumes of ``jobs`` (from :func:`plan_report`) into ``STORE/qc/img/``; returns
+    ``[{"volume_id", "images", "notes"}]``. A volume that cannot be read gets a note saying
+    why, not an error: the report shows it. ``workers``: volumes drawn at once (threads:
+    reading and compressing release the GIL)."""
+    if workers < 1:
+        raise ValueError(f"QC report of {store}: workers >= 1 expected, got {workers}")
+    images_dir = location.path(store) / "qc" / "img"
+    location.makedirs(images_dir)
+
+    def draw(job: dict[str, Any]) -> dict[str, Any]:
+        overlays = [_Overlay(name=o["name"], key=o["key"], values=tuple(o["values"]), model=o["model"],
+                             colour=tuple(o["colour"]) if o["colour"] else None) for o in job["overlays"]]
+        try:
+            names, notes = _render_volume(store, job, overlays, size, images_dir)
+        except (NotInStoreError, StoreError) as exc:
+            names, notes = {}, [f"cannot be read: {exc}"]
+        # the render key in the URL: a browser never shows a redrawn image from its cache
+        return {"volume_id": job["volume_id"], "notes": notes,
+                "images": {view: f"img/{name}?k={job['render_key']}" for view, name in names.items()}}
+
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            return list(pool.map(draw, jobs))
+    return [draw(job) for job in jobs]
+
+
+def finish_report(plan: ReportPlan, drawn: Sequence[dict[str, Any]], *, page_size: int = 50) -> Path:
+    """Write the index and the page with the drawn volumes' images; remove images nothing shows
+    any more. Returns the path of ``index.html``.
+
+    Raises:
+        StoreError: the report cannot be written.
+        ValueError: ``page_size`` out of range.
+    """
+    if page_size < 1:
+        raise ValueError(f"QC report of {plan.store}: page_size >= 1 expected, got {page_size}")
+    qc = location.path(plan.store) / "qc"
+    by_id = {d["volume_id"]: d for d in drawn}
+    for entry in plan.entries:
+        if entry["volume_id"] in by_id:
+            entry["images"], entry["notes"] = by_id[entry["volume_id"]]["images"], by_id[entry["volume_id"]]["notes"]
+    # images nothing shows any more: of volumes gone from the catalog, or no longer drawn
+    current = {e["volume_id"]: {n.split("?")[0] for n in e["images"].values()} for e in plan.entries}
+    removed = 0
+    for vid, old in plan.drawn_before.items():
+        for name in {n.split("?")[0] for n in (old.get("images") or {}).values()} - current.get(vid, set()):
+            location.path(qc / name).unlink(missing_ok=True)
+        removed += vid not in current
+    index = {
+        "format": REPORT_FORMAT,
+        "store": plan.store,
+        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "size": plan.size, "page_size": page_size,
+        "views": {v: list(spec["edges"]) for v, spec in VIEWS.items()},
+        "legend": plan.legend,
+        "counts": {"volumes": len(plan.entries), "files": plan.file_counts},
+        "run": {"rendered": len(plan.jobs), "reused": len(plan.entries) - len(plan.jobs), "removed": removed,
+                "seconds": round(time.perf_counter() - plan.started, 3)},
+        "volumes": plan.entries,
+        "files": plan.files,
+    }
+    text = json.dumps(index, default=str, separators=(",", ":"))
+    try:
+        location.makedirs(qc)
+        location.write_bytes(qc / "index.json", text.encode())
+        location.write_bytes(qc / "index.js", f"window.QC_INDEX = {text};\n".encode())
+        location.write_bytes(qc / "index.html", PAGE.encode())
+    except OSError as exc:
+        raise StoreError(f"cannot write the QC report into {qc}: {exc}") from exc
+    return qc / "index.html"
+
+
 def write_report(store: str | os.PathLike, *, size: int = 256, page_size: int = 50, workers: int = 1,
                  force: bool = False) -> Path:
-    """Write (or bring up to date) the QC report ``STORE/qc/index.html``.
+    """Write (or bring up to date) the QC report ``STORE/qc/index.html`` in this process
+    (:func:`plan_report`, :func:`draw_volumes`, :func:`finish_report`; a flow spreads the
+    drawing over its workers instead).
 
     Volumes whose images show what they showed last time (same content digest, label digests,
     predictions, ``size``) keep their images; the others are drawn again, and the images of
@@ -214,95 +363,5 @@ def write_report(store: str | os.PathLike, *, size: int = 256, page_size: int = 
     if size < 16 or page_size < 1 or workers < 1:
         raise ValueError(f"QC report of {store}: size >= 16, page_size >= 1 and workers >= 1 expected, "
                          f"got size={size}, page_size={page_size}, workers={workers}")
-    started = time.perf_counter()
-    root = location.path(store)
-    qc = root / "qc"
-    images_dir = qc / "img"
-    cat = _catalog(store)  # first: on a folder that is not a store, fail before writing into it
-    location.makedirs(images_dir)
-    labels, predictions = _by_volume(cat["labels"]), _by_volume(cat["predictions"])
-    classes = _by_volume(cat["classes"])
-    splits = {r["volume_id"]: r["split"] for r in cat["splits"]}
-    models = sorted({r["model"] for r in cat["predictions"] if r["label_name"]})
-    before = _previous(qc)
-    model_colour = _model_colours(models, before.get("legend", {}).get("models", {}))
-    drawn = {v["volume_id"]: v for v in before.get("volumes", [])}  # what the last report drew
-    previous = {} if force else drawn
-    label_values: set[int] = set()
-
-    entries, todo = [], []
-    for row in cat["volumes"]:
-        vid = row["volume_id"]
-        overlays = _overlays(labels.get(vid, []), predictions.get(vid, []), model_colour)
-        key = _render_key(row, overlays, size)
-        label_values.update(v for o in overlays for v in o.values)
-        entry = {
-            "volume_id": vid, "kind": row["kind"], "modality": row["modality"], "shape": row["shape"],
-            "spacing": [round(float(s), 4) for s in row["spacing"] or []], "orientation": row["orientation"],
-            "dtype": row["dtype"], "n_files": row["n_files"], "warnings": row["warnings"] or [],
-            "classes": [r["label"] for r in classes.get(vid, [])], "split": splits.get(vid),
-            "labels": [{"name": o.name, "values": list(o.values)} for o in overlays if o.model is None],
-            "predictions": [{"model": r["model"], "version": r["version"], "task": r["task"],
-                             "prediction": r["prediction"], "label_name": r["label_name"],
-                             "qc_image": _relative_qc_image(r["qc_image"], store, qc)}
-                            for r in predictions.get(vid, [])],
-            "render_key": key, "images": {}, "notes": [],
-        }
-        old = previous.get(vid)
-        if old and old.get("render_key") == key and old.get("images") is not None and \
-                all((qc / n.split("?")[0]).exists() for n in old["images"].values()):
-            entry["images"], entry["notes"] = old["images"], old.get("notes", [])
-        else:
-            todo.append((entry, row, overlays))
-        entries.append(entry)
-
-    def draw(job) -> None:
-        entry, row, overlays = job
-        try:
-            names, notes = _render_volume(store, row, overlays, size, images_dir)
-        except (NotInStoreError, StoreError) as exc:
-            names, notes = {}, [f"cannot be read: {exc}"]
-        # the render key in the URL: a browser never shows a redrawn image from its cache
-        entry["images"] = {view: f"img/{name}?k={entry['render_key']}" for view, name in names.items()}
-        entry["notes"] = notes
-
-    if workers > 1 and len(todo) > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(draw, todo))
-    else:
-        for job in todo:
-            draw(job)
-
-    # images nothing shows any more: of volumes gone from the catalog, or no longer drawn
-    current = {e["volume_id"]: {n.split("?")[0] for n in e["images"].values()} for e in entries}
-    removed = 0
-    for vid, old in drawn.items():
-        for name in {n.split("?")[0] for n in (old.get("images") or {}).values()} - current.get(vid, set()):
-            location.path(qc / name).unlink(missing_ok=True)
-        removed += vid not in current
-
-    counts = {r["status"]: int(r["n"]) for r in cat["file_counts"]}
-    index = {
-        "format": REPORT_FORMAT,
-        "store": str(store),
-        "generated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "size": size, "page_size": page_size,
-        "views": {v: list(spec["edges"]) for v, spec in VIEWS.items()},
-        "legend": {"labels": {str(v): _hex(LABEL_COLOURS[(v - 1) % len(LABEL_COLOURS)])
-                              for v in sorted(label_values)},
-                   "models": {m: _hex(c) for m, c in model_colour.items()}},
-        "counts": {"volumes": len(entries), "files": counts},
-        "run": {"rendered": len(todo), "reused": len(entries) - len(todo), "removed": removed,
-                "seconds": round(time.perf_counter() - started, 3)},
-        "volumes": entries,
-        "files": [{"source": r["source"], "path": r["path"], "status": r["status"], "reason": r["reason"]}
-                  for r in cat["files"]],
-    }
-    text = json.dumps(index, default=str, separators=(",", ":"))
-    try:
-        location.write_bytes(qc / "index.json", text.encode())
-        location.write_bytes(qc / "index.js", f"window.QC_INDEX = {text};\n".encode())
-        location.write_bytes(qc / "index.html", PAGE.encode())
-    except OSError as exc:
-        raise StoreError(f"cannot write the QC report into {qc}: {exc}") from exc
-    return qc / "index.html"
+    plan = plan_report(store, size=size, force=force)
+    return finish_report(plan, draw_volumes(store, plan.jobs, size, workers), page_size=page_size)
