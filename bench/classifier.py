@@ -29,29 +29,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # datasets.py beside this file
 
 
 def prepare(out: Path, patients: int) -> None:
-    from voxelflow.ingest import IngestConfig, run_local, store_key
-    from voxelflow.labels import import_classes, import_segmentations, make_split
-    from voxelflow.preprocess import PreprocessConfig, resolve
-    from voxelflow.preprocess import run_local as preprocess
-    from voxelflow.synth import SynthConfig, build_synthetic_archive
+    from datasets import labelled_store
 
     work = out.parent / (out.name + "-work")
-    shutil.rmtree(work, ignore_errors=True)
     t0 = time.perf_counter()
-    archive = build_synthetic_archive(work / "archive", SynthConfig(patients=patients, mr_patients=2,
-                                                                    positive_fraction=0.4))
-    store = work / "store"
-    run_local(IngestConfig(sources=[str(archive / "images")], store=str(store)))
-    key = store_key(str(store))
-    import_segmentations(store, archive / "labels" / "segmentations.csv", key)
-    import_classes(store, archive / "labels" / "labels.csv", key)
-    make_split(store, seed=0, fractions=(0.6, 0.2, 0.2))
-    config = resolve(PreprocessConfig(store=str(store), labelled_only=True))
-    summary = preprocess(config)
-    version = config.version()
+    store, version, summary = labelled_store(work, patients, mr_patients=2)
     # what training reads: the catalog tables and the preprocessed copy (not the ingested volumes)
     shutil.rmtree(out, ignore_errors=True)
     (out / "store").mkdir(parents=True)

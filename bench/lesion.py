@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))  # datasets.py beside this file
 
 from models.config import TrainConfig  # noqa: E402
 from models.plan import plan_run  # noqa: E402
@@ -34,29 +34,15 @@ from models.run import TrainRun, train_model  # noqa: E402
 
 def prepare(work: Path, patients: int) -> tuple[str, str]:
     """The labelled, preprocessed synthetic archive (cached in ``work``)."""
-    from voxelflow.ingest import IngestConfig, run_local, store_key
-    from voxelflow.labels import import_classes, import_segmentations, make_split
-    from voxelflow.preprocess import PreprocessConfig, resolve
-    from voxelflow.preprocess import run_local as preprocess
-    from voxelflow.synth import SynthConfig, build_synthetic_archive
+    from datasets import labelled_store
 
     ready = work / f"ready-{patients}.json"
     if ready.exists():
         info = json.loads(ready.read_text())
         return info["store"], info["version"]
-    shutil.rmtree(work, ignore_errors=True)
-    archive = build_synthetic_archive(work / "archive", SynthConfig(patients=patients, mr_patients=0,
-                                                                     positive_fraction=0.4))
-    store = work / "store"
-    run_local(IngestConfig(sources=[str(archive / "images")], store=str(store)))
-    key = store_key(str(store))
-    import_segmentations(store, archive / "labels" / "segmentations.csv", key)
-    import_classes(store, archive / "labels" / "labels.csv", key)
-    make_split(store, seed=0, fractions=(0.6, 0.2, 0.2))
-    config = resolve(PreprocessConfig(store=str(store), labelled_only=True))
-    preprocess(config)
-    ready.write_text(json.dumps({"store": str(store), "version": config.version()}))
-    return str(store), config.version()
+    store, version, _ = labelled_store(work, patients)
+    ready.write_text(json.dumps({"store": str(store), "version": version}))
+    return str(store), version
 
 
 def gpu_sampler(device: torch.device):
