@@ -55,7 +55,7 @@ def store_saliency(root: str | Path, tag: str, volume_id: str, saliency: np.ndar
 
 def qc_image(image_zyx: np.ndarray, saliency_zyx: np.ndarray, path: str | Path, *,
              affine: np.ndarray | None = None, size: int = 256) -> Path:
-    """The three orthogonal planes through the saliency peak, side by side (``3 * size`` x
+    """The three orthogonal planes through the centre of the strongest response, side by side (``3 * size`` x
     ``size`` px), drawn as the store's QC report draws volumes (:mod:`voxelflow.qc`): anatomy
     in grey between its 1st and 99th percentiles, oriented and scaled by ``affine`` (RAS, index
     ``(x, y, z)``; without it the voxel axes are taken as RAS at 1 mm), and the map over it in
@@ -64,7 +64,10 @@ def qc_image(image_zyx: np.ndarray, saliency_zyx: np.ndarray, path: str | Path, 
     from PIL import Image
 
     affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
-    peak = np.unravel_index(int(saliency_zyx.argmax()), saliency_zyx.shape)
+    # the centre of the strongest response, not its first voxel: a slice classifier's map is a
+    # plateau over each window, whose first voxel (argmax) is the window's corner, often in air
+    strong = np.argwhere(saliency_zyx >= 0.9 * saliency_zyx.max())
+    peak = tuple(int(round(v)) for v in strong.mean(axis=0))
     cuts = qc.orthogonal_cuts(affine, image_zyx.shape, centre_zyx=peak)
     planes = [c.take(image_zyx) for c in cuts]
     window = qc.display_window(None, planes)
