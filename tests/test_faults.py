@@ -131,7 +131,7 @@ def test_a_prefect_server_restart_during_a_run_is_survived(tmp_path):
         assert proc.wait(timeout=400) == 0, (tmp_path / "nightly.log").read_text()[-3000:]
         flows = {f["id"]: f["name"] for f in httpx.post(f"{api.api_url}/flows/filter", json={}, timeout=10).json()}
         completed = {flows[r["flow_id"]] for r in runs() if r["state_type"] == "COMPLETED"}
-        assert completed == {"nightly", "ingest", "labels", "preprocess", "train", "infer"}
+        assert completed == {"nightly", "ingest", "labels", "preprocess", "train", "infer", "qc"}
         assert sum(flows[r["flow_id"]] == "nightly" for r in runs()) == 1
     finally:
         runtime.stop_local_server(home)
