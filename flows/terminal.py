@@ -91,8 +91,6 @@ class ProgressBars:
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
-            if not os.environ.get("PREFECT_API_URL"):
-                continue  # not yet settled by the command: a client now would start a temporary server
             try:
                 self._refresh()
             except Exception:  # a bar is a nicety: an API hiccup must not end the command
@@ -101,7 +99,7 @@ class ProgressBars:
     def _refresh(self, final: bool = False) -> None:
         url = os.environ.get("PREFECT_API_URL")
         if not url:
-            return
+            return  # not yet settled by the command: a client now would start a temporary server
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.filters import (
             ArtifactFilter,
@@ -132,10 +130,10 @@ class ProgressBars:
 
 
 # metric keys as people write them; class-indexed keys (dice_1) get the class after the name
+# (others: the key with spaces, "patch accuracy")
 _METRIC_NAMES = {"roc_auc": "ROC-AUC", "f1": "F1", "macro_f1": "macro F1", "dice": "Dice", "hd95_mm": "HD95 mm",
-                 "psnr": "PSNR dB", "ssim": "SSIM", "accuracy": "accuracy", "precision": "precision",
-                 "recall": "recall", "mse": "MSE", "patch_roc_auc": "patch ROC-AUC", "patch_f1": "patch F1",
-                 "patch_accuracy": "patch accuracy"}
+                 "psnr": "PSNR dB", "ssim": "SSIM", "mse": "MSE", "patch_roc_auc": "patch ROC-AUC",
+                 "patch_f1": "patch F1"}
 # what a metrics row holds besides metrics
 _NOT_METRICS = {"epoch", "train_loss", "lr", "seconds", "samples_per_s", "data_wait_share", "monitor", "margin",
                 "rank_samples_per_s", "world_size", "threshold", "patch_samples"}

@@ -178,3 +178,25 @@ def test_the_train_flow_plans_what_the_run_leaves_open(preprocessed_store, prefe
         artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
             key=ArtifactFilterKey(any_=["train-seg-planned-plan"])))
     assert artifacts and plan["plan_id"] in artifacts[0].description
+
+
+@pytest.mark.slow
+def test_voxelflow_preprocess_takes_the_plans_spacing_and_ct_window(labelled_store, tmp_path, prefect_server):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(labelled_store, store, ignore=shutil.ignore_patterns("preprocessed", "models", "plans", "qc"))
+    proc = run_cli("plan", store, "--memory-gb", "1", "--json", tmp_path / "plan.json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    plan = json.loads((tmp_path / "plan.json").read_text())
+    proc = run_cli("preprocess", store, "--labelled-only", "--plan", plan["plan_id"], "--workers", "1",
+                   env={"VOXELFLOW_HOME": str(tmp_path / "home")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    from voxelflow.preprocess import PreprocessConfig
+
+    made = PreprocessConfig(store=str(store), spacing=tuple(plan["spacing"]), ct_window=tuple(plan["ct_window"]),
+                            mr_normalization=plan["mr_normalization"])
+    assert f"version {made.version()}" in proc.stdout  # the plan's spacing and window define the copy
+    assert tuple(plan["ct_window"]) != PreprocessConfig(store="s").ct_window  # the window is the data's
+    rows = catalog.preprocessed_volumes(store, made.version())
+    assert rows and all(r["spacing"] == pytest.approx(plan["spacing"], abs=1e-3) for r in rows)

@@ -20,6 +20,7 @@ import hmac
 import json
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -144,8 +145,6 @@ def _read_claim(path: Path) -> str:
         try:
             return json.loads(path.read_bytes())["key_check"]
         except (ValueError, KeyError):
-            import time
-
             time.sleep(0.1)
     raise ConfigurationError(f"{path} does not record a key check value")
 

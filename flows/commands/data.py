@@ -111,12 +111,12 @@ def preprocess_copy(args: argparse.Namespace) -> str:
     store_id(args.store)
     planned: dict = {}
     if args.plan:
+        from models.plan import Plan
         from voxelflow import registry
 
-        plan = registry.load_plan(args.store, None if args.plan == "latest" else args.plan)
-        planned = {"spacing": tuple(plan["spacing"]), "mr_normalization": plan["mr_normalization"],
-                   **({"ct_window": tuple(plan["ct_window"])} if plan.get("ct_window") else {})}
-        print(f"plan {plan['plan_id']}: spacing {list(planned['spacing'])} mm"
+        record = registry.load_plan(args.store, None if args.plan == "latest" else args.plan)
+        planned = Plan.model_validate(record).preprocess_settings()
+        print(f"plan {record['plan_id']}: spacing {list(planned['spacing'])} mm"
               + (f", CT window {list(planned['ct_window'])}" if "ct_window" in planned else ""))
     spacing = tuple(float(v) for v in args.spacing.split(",")) if args.spacing else None
     config = PreprocessConfig(store=args.store, volumes=args.volume or None, interpolation=args.interpolation,
