@@ -127,6 +127,9 @@ def test_explicit_settings_win_field_by_field():
     planned = apply(given, plan)
     assert planned.sampling.patch_size == (64, 96, 96) and planned.optimisation.lr == 3e-4
     assert planned.sampling.batch_size == plan.batch_size and planned.network.channels == plan.channels
+    # a plan made without knowing the user's patch still loses to it when applied
+    free = make_plan(fp, memory=(8 * GiB, "8 GiB"))
+    assert free.patch_size != (64, 96, 96) and apply(given, free).sampling.patch_size == (64, 96, 96)
     # a planned configuration is explicit in every field: planning it again changes nothing
     assert not needs_plan(planned)
     # a batch given: kept, however much memory is left
