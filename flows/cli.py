@@ -261,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("server", help="voxelflow's local Prefect server")
     p.add_argument("action", choices=["start", "stop", "status"])
     p.add_argument("--port", type=int, default=None)
+    p.add_argument("--no-warm", action="store_true",
+                   help="start the server alone, without the warm runner that spares later commands their imports")
     p.set_defaults(func=cmd_server)
     return parser
 
@@ -305,5 +307,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def entry() -> None:
+    """The ``voxelflow`` command: run in a child of the warm runner that ``voxelflow server
+    start`` leaves up, when it serves this environment (:mod:`flows.warm`), else here."""
+    from flows.warm import fast_exit, run_warm
+
+    rc = run_warm(sys.argv[1:])
+    fast_exit(main() if rc is None else rc)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

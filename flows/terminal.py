@@ -51,7 +51,26 @@ def quiet_logging(command: str, verbose: bool = False, home: Path | None = None)
     os.environ["PREFECT_LOGGING_CONFIG_PATH"] = str(settings)
     os.environ["DASK_LOGGING__DISTRIBUTED"] = "info" if verbose else "warning"
     log_file.touch()
+    reconfigure_prefect_logging()
     return log_file
+
+
+def reconfigure_prefect_logging() -> None:
+    """Apply the environment's Prefect logging configuration again when Prefect is already
+    imported (a command in a warm runner's child, :mod:`flows.warm`; a test calling
+    :func:`flows.cli.main`): Prefect reads it once, at import, into handlers bound to the
+    streams of that moment."""
+    import logging
+    import sys
+
+    if "prefect" not in sys.modules:
+        return  # the import will read it
+    from prefect.context import refresh_global_settings_context
+    from prefect.logging.configuration import setup_logging
+
+    refresh_global_settings_context()
+    logging.getLogger().handlers.clear()  # else Prefect keeps the old root handlers as "the user's"
+    setup_logging(incremental=False)
 
 
 class ProgressBars:

@@ -5,22 +5,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 from flows.commands.common import prefect_api
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from flows import runtime
+    """The local Prefect server, and beside it the warm runner that lets later commands in this
+    environment start without imports (:mod:`flows.warm`; ``--no-warm``: the server alone)."""
+    from flows import runtime, warm
 
     if args.action == "start":
         api = runtime.start_local_server(port=args.port)
         print(f"Prefect server {'started' if api.started_here else 'already running'}: UI {api.ui_url}")
         print(f"export PREFECT_API_URL={api.api_url}")
+        if not args.no_warm:
+            pid = warm.start()
+            print(f"warm runner: pid {pid}" if pid else
+                  f"warm runner did not start (commands run as before); see {warm.runner_home() / warm.LOG_NAME}",
+                  file=sys.stderr if pid is None else sys.stdout)
     elif args.action == "stop":
+        warm.stop()
         print("stopped" if runtime.stop_local_server() else "no local server was running")
     else:
         state = runtime.local_server_status()
         print(json.dumps(state) if state else "no local server running")
+        runner = warm.status()
+        print(json.dumps({"warm_runner": runner}) if runner else "no warm runner")
     return 0
 
 
