@@ -162,15 +162,30 @@ def start(home: Path | None = None, timeout: float = 60.0) -> int | None:
     return None
 
 
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (reaping it first if it is this process's ended child)."""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass  # not this process's child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def status(home: Path | None = None) -> dict | None:
     """The running warm runner's state (pid, environment and sources stamps), or None."""
     home = home or runner_home()
     try:
         state = json.loads((home / STATE_NAME).read_text())
-        os.kill(state["pid"], 0)
-    except (FileNotFoundError, ValueError, KeyError, ProcessLookupError, PermissionError):
+    except (FileNotFoundError, ValueError):
         return None
-    return state if (home / SOCKET_NAME).exists() else None
+    return state if alive(state["pid"]) and (home / SOCKET_NAME).exists() else None
 
 
 def stop(home: Path | None = None, timeout: float = 10.0) -> bool:
@@ -183,9 +198,7 @@ def stop(home: Path | None = None, timeout: float = 10.0) -> bool:
     os.kill(state["pid"], signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(state["pid"], 0)
-        except ProcessLookupError:
+        if not alive(state["pid"]):
             return True
         time.sleep(0.05)
     os.kill(state["pid"], signal.SIGKILL)
@@ -307,6 +320,8 @@ def _child(conn: socket.socket, fds: list[int], header: dict) -> None:
         rc = main(header["argv"])
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except KeyboardInterrupt:  # before main() could catch it
+        rc = 130
     except BaseException:  # noqa: BLE001 - the client must hear how its command ended
         import traceback
 

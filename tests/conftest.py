@@ -107,6 +107,25 @@ def run_cli(*args, env: dict | None = None, inherit: bool = True, timeout: float
                           timeout=timeout, env=environment)
 
 
+@pytest.fixture(scope="session")
+def study(tmp_path_factory):
+    """A small CT study: 2 series of 12 slices of 48x48 and a text file (25 files)."""
+    from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
+
+    root = tmp_path_factory.mktemp("study")
+    for i in range(2):
+        write_ct_series(ct_phantom((12, 48, 48), seed=i), root / f"series{i}", SeriesSpec(series_number=i + 1))
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def task_pids(log_text: str) -> set[int]:
+    """The processes an ingest's tasks ran in, from the lines they log."""
+    import re
+
+    return {int(p) for p in re.findall(r"on worker pid (\d+)", log_text)}
+
+
 # A training configuration a few steps long on a small network and small patches, for tests
 # that need a trained model, not a good one (JSON-friendly: nightly settings take it as is).
 TINY_TRAIN = {"patch_size": [16, 32, 32], "epochs": 2, "steps_per_epoch": 3, "val_steps": 2, "batch_size": 2,

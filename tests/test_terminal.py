@@ -10,17 +10,7 @@ import pytest
 
 from flows.runtime import small_input
 from flows.terminal import named_metrics
-from tests.conftest import run_cli
-from voxelflow.phantom import SeriesSpec, ct_phantom, write_ct_series
-
-
-@pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    root = tmp_path_factory.mktemp("study")
-    for i in range(2):
-        write_ct_series(ct_phantom((12, 48, 48), seed=i), root / f"series{i}", SeriesSpec(series_number=i + 1))
-    (root / "notes.txt").write_text("not an image")
-    return root
+from tests.conftest import run_cli, task_pids
 
 
 def test_small_input_counts_files_and_bytes_and_stops_early(study, tmp_path):
@@ -29,10 +19,6 @@ def test_small_input_counts_files_and_bytes_and_stops_early(study, tmp_path):
     assert small_input([str(study)], max_bytes=1000) is None
     assert small_input(["s3://bucket/archive"]) is None  # listing object storage costs what it saves
     assert small_input([str(tmp_path / "missing")]) == 0  # the ingest reports it, with its reason
-
-
-def _pids(log_text: str) -> set[int]:
-    return {int(p) for p in re.findall(r"on worker pid (\d+)", log_text)}
 
 
 @pytest.mark.slow
@@ -44,7 +30,7 @@ def test_a_small_ingest_runs_in_process_quietly_and_logs_to_a_file(study, tmp_pa
     # every task ran in one process, and no cluster was started: the tasks' own log lines say
     # which process ran them, and Prefect's Dask runner logs the cluster it creates
     assert "Task run 'scan-headers" in log_text and "Task run 'convert-series" in log_text
-    assert len(_pids(log_text)) == 1 and "Creating a new Dask cluster" not in log_text
+    assert len(task_pids(log_text)) == 1 and "Creating a new Dask cluster" not in log_text
     # the terminal: no task lines, the summary table, the bars' phases, the UI link; bounded
     terminal = proc.stdout + proc.stderr
     assert "Task run" not in terminal and "Flow run" not in terminal
