@@ -216,6 +216,9 @@ def serve(home: Path) -> None:
     import pyarrow as pa
 
     pa.array(["x"])  # pyarrow looks for pandas on its first array: done here, not per command
+    from flows.terminal import reconfigure_prefect_logging
+
+    reconfigure_prefect_logging()  # its first call builds Prefect's settings models (0.2 s): here, once
     if threading.active_count() > 1:  # a fork copies one thread: locks others hold stay held
         raise RuntimeError(f"threads running after the imports, cannot fork: {threading.enumerate()}")
     sources = sources_stamp()

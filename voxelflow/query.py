@@ -42,6 +42,12 @@ def query(store: str | os.PathLike, sql: str) -> pa.Table:
         QueryError: DuckDB refused the query (its message says why).
         SettingError: ``store`` has no catalog.
     """
+    return queries(store, {"result": sql})["result"]
+
+
+def queries(store: str | os.PathLike, sql: dict[str, str]) -> dict[str, pa.Table]:
+    """The results of several queries (``name: SQL``) over the catalog of ``store``, its views
+    opened once (see :func:`query`)."""
     import duckdb
 
     if not (catalog.catalog_dir(store)).exists():
@@ -51,10 +57,13 @@ def query(store: str | os.PathLike, sql: str) -> pa.Table:
         for name in catalog.SCHEMAS:
             if name != "preprocessed":  # a preprocessed copy's table, not the store's
                 con.register(name, _view(store, name))
-        try:
-            return con.sql(sql).to_arrow_table()
-        except duckdb.Error as exc:
-            # one line: DuckDB's message spreads its candidates over several
-            raise QueryError(f"query over the catalog of {store}: {' '.join(str(exc).split())}") from None
+        out = {}
+        for name, text in sql.items():
+            try:
+                out[name] = con.sql(text).to_arrow_table()
+            except duckdb.Error as exc:
+                # one line: DuckDB's message spreads its candidates over several
+                raise QueryError(f"query over the catalog of {store}: {' '.join(str(exc).split())}") from None
+        return out
     finally:
         con.close()

@@ -21,7 +21,7 @@ from voxelflow.qc.page import PAGE
 from voxelflow.qc.planes import (
     LABEL_COLOURS, MODEL_COLOURS, VIEWS, display_window, orthogonal_cuts, panel, scale_for,
 )
-from voxelflow.query import query
+from voxelflow.query import queries
 from voxelflow.store import Volume, open_label, open_volume
 
 REPORT_FORMAT = "voxelflow-qc/1"
@@ -44,7 +44,7 @@ def _catalog(store: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
                  "ORDER BY status, reason, source, path",
         "file_counts": "SELECT status, count(*) AS n FROM files GROUP BY status ORDER BY status",
     }
-    return {name: query(store, q).to_pylist() for name, q in sql.items()}
+    return {name: table.to_pylist() for name, table in queries(store, sql).items()}
 
 
 def _by_volume(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
