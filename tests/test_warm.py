@@ -4,6 +4,7 @@ the runner serves only the environment and the sources it started with."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 import signal
 import subprocess
@@ -16,12 +17,19 @@ from flows import warm
 from tests.conftest import run_cli, task_pids
 
 
-def _start(home) -> int:
-    # started from the test's body: the runner serves the environment it started in, and
-    # pytest's own variables differ between a fixture's set-up and the test
+@contextlib.contextmanager
+def _runner(tmp_path, monkeypatch):
+    """A warm runner in a home of the test's own: (home, pid); stopped at the end. Started from
+    the test's body: the runner serves the environment it started in, and pytest's own
+    variables differ between a fixture's set-up and the test."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("VOXELFLOW_HOME", str(home))
     pid = warm.start(home)
     assert pid, (home / warm.LOG_NAME).read_text()
-    return pid
+    try:
+        yield home, pid
+    finally:
+        warm.stop(home)
 
 
 def _served(home) -> list[int]:
@@ -41,10 +49,7 @@ def _gone(pid: int, timeout: float = 20.0) -> bool:
 
 @pytest.mark.slow
 def test_a_command_runs_in_a_child_of_the_runner_as_it_would_alone(study, tmp_path, monkeypatch, prefect_server):
-    home = tmp_path / "home"
-    monkeypatch.setenv("VOXELFLOW_HOME", str(home))
-    runner = _start(home)
-    try:
+    with _runner(tmp_path, monkeypatch) as (home, runner):
         proc = run_cli("ingest", study, "--store", tmp_path / "store")
         assert proc.returncode == 0, proc.stderr[-3000:]
         [child] = _served(home)
@@ -67,17 +72,12 @@ def test_a_command_runs_in_a_child_of_the_runner_as_it_would_alone(study, tmp_pa
         assert other.returncode == 0, other.stderr[-3000:]
         assert re.search(r"\b2\b", other.stdout) and len(_served(home)) == 2
         assert warm.status(home)["pid"] == runner
-    finally:
-        assert warm.stop(home)
-    assert _gone(runner) and warm.status(home) is None
+    assert _gone(runner) and warm.status(home) is None  # stopped
 
 
 @pytest.mark.slow
 def test_ctrl_c_reaches_the_command_and_its_status_comes_back(study, tmp_path, monkeypatch, prefect_server):
-    home = tmp_path / "home"
-    monkeypatch.setenv("VOXELFLOW_HOME", str(home))
-    runner = _start(home)
-    try:
+    with _runner(tmp_path, monkeypatch) as (home, runner):
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "ingest", str(study), "--store",
                                  str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         seen = []
@@ -92,18 +92,13 @@ def test_ctrl_c_reaches_the_command_and_its_status_comes_back(study, tmp_path, m
         [child] = _served(home)
         assert _gone(child)
         assert warm.status(home)["pid"] == runner  # the runner goes on serving
-    finally:
-        warm.stop(home)
 
 
 @pytest.mark.slow
 def test_the_runner_refuses_other_environments_and_starts_again_for_new_sources(tmp_path, monkeypatch,
                                                                                  prefect_server):
-    home = tmp_path / "home"
-    monkeypatch.setenv("VOXELFLOW_HOME", str(home))
-    assert warm.run_warm(["catalog", "x", "SELECT 1"], home) is None  # no runner yet
-    runner = _start(home)
-    try:
+    assert warm.run_warm(["catalog", "x", "SELECT 1"], tmp_path / "home") is None  # no runner yet
+    with _runner(tmp_path, monkeypatch) as (home, runner):
         assert warm.run_warm(["server", "status"], home) is None  # never through the runner
         with monkeypatch.context() as m:
             m.setenv("VOXELFLOW_TEST_OTHER", "1")
@@ -120,5 +115,3 @@ def test_the_runner_refuses_other_environments_and_starts_again_for_new_sources(
         log = (home / warm.LOG_NAME).read_text()
         assert "sources changed: starting again" in log and log.count(f"warm runner pid {runner} ") == 2, log
         assert _served(home) == []
-    finally:
-        warm.stop(home)
