@@ -1,8 +1,8 @@
 """Where runs go: the Prefect API and the Dask cluster.
 
 ``voxelflow`` works with no Prefect server configured: it starts one local server on
-loopback (SQLite under ``$VOXELFLOW_HOME/prefect``) the first time, and reuses it on later
-runs. Without this, Prefect would start a temporary server in the CLI process *and in every
+loopback (SQLite under ``$VOXELFLOW_HOME/prefect``) the first time, with the warm runner
+beside it (:mod:`flows.warm`), and reuses them on later runs. Without this, Prefect would start a temporary server in the CLI process *and in every
 Dask worker process* (see shared/ENVIRONMENT.md), which costs tens of seconds per run.
 A configured ``PREFECT_API_URL`` (environment or Prefect profile) is used as it is.
 
@@ -180,6 +180,12 @@ def ensure_prefect_api() -> PrefectAPI:
         api = PrefectAPI(url, ui, started_here=False)
     else:
         api = start_local_server()
+        if api.started_here:
+            # later commands then start without imports, as after `voxelflow server start`
+            # (flows.warm); it comes up while this command runs
+            from flows import warm
+
+            warm.start(wait=False)
     os.environ["PREFECT_API_URL"] = api.api_url
     return api
 

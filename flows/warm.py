@@ -140,9 +140,10 @@ def fast_exit(rc: int | None) -> None:
 
 # ---------------------------------------------------------------------------------- the runner
 
-def start(home: Path | None = None, timeout: float = 60.0) -> int | None:
+def start(home: Path | None = None, timeout: float = 60.0, wait: bool = True) -> int | None:
     """Start this environment's warm runner in ``home`` (or find it running); its pid, or None
-    when it did not come up in ``timeout`` s (its log says why)."""
+    when it did not come up in ``timeout`` s (its log says why). ``wait=False``: return the new
+    process's pid at once (it serves commands about two seconds later)."""
     home = home or runner_home()
     running = status(home)
     if running and running["environment"] == environment_stamp(dict(os.environ)):
@@ -153,6 +154,8 @@ def start(home: Path | None = None, timeout: float = 60.0) -> int | None:
     with open(home / LOG_NAME, "ab") as log:
         proc = subprocess.Popen([sys.executable, "-m", "flows.warm"], stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, env=env, cwd=str(ROOT), start_new_session=True)
+    if not wait:
+        return proc.pid
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         running = status(home)
