@@ -31,7 +31,7 @@ if [ -n "${SMOKE:-}" ]; then
   lesion=(--patients 8 --epochs 1 --steps 2 --workdir bench-output/gpu-smoke/lesion)
   memory=(--patches 16,32,32 --channels 8,16,32)
   train_work=bench-output/gpu-smoke/train
-  train=(--steps 2 --model-steps 2 --patients 4 --workdir $train_work)
+  train=(--steps 2 --model-steps 2 --workdir $train_work)  # 8 patients: with 4, a volume is thinner than a patch
   ranks=(--epochs 1 --steps 2 --patients 4 --workdir bench-output/gpu-smoke/ranks)
 else
   lesion=(--seconds 200)
