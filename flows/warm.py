@@ -109,12 +109,7 @@ def run_warm(argv: list[str], home: Path | None = None) -> int | None:
 
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT):
         signal.signal(sig, forward)
-    while True:
-        try:
-            line = reader.readline()
-            break
-        except InterruptedError:
-            continue
+    line = reader.readline()  # the exit status; a signal forwarded meanwhile does not end the wait (PEP 475)
     conn.close()
     try:
         return int(json.loads(line)["rc"])
