@@ -2,9 +2,10 @@
 
 ``voxelflow`` works with no Prefect server configured: it starts one local server on
 loopback (SQLite under ``$VOXELFLOW_HOME/prefect``) the first time, with the warm runner
-beside it (:mod:`flows.warm`), and reuses them on later runs. Without this, Prefect would start a temporary server in the CLI process *and in every
-Dask worker process* (see shared/ENVIRONMENT.md), which costs tens of seconds per run.
-A configured ``PREFECT_API_URL`` (environment or Prefect profile) is used as it is.
+beside it (:mod:`flows.warm`), and reuses them on later runs. Without this, Prefect would
+start a temporary server in the CLI process *and in every Dask worker process* (see
+shared/ENVIRONMENT.md), which costs tens of seconds per run. A configured ``PREFECT_API_URL``
+(environment or Prefect profile) is used as it is.
 
 This module does not import Prefect at module level, so the CLI can settle the API URL
 before Prefect reads its settings.

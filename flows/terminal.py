@@ -57,9 +57,8 @@ def quiet_logging(command: str, verbose: bool = False, home: Path | None = None)
 
 def reconfigure_prefect_logging() -> None:
     """Apply the environment's Prefect logging configuration again when Prefect is already
-    imported (a command in a warm runner's child, :mod:`flows.warm`; a test calling
-    :func:`flows.cli.main`): Prefect reads it once, at import, into handlers bound to the
-    streams of that moment."""
+    imported (a command in a warm runner's child, :mod:`flows.warm`): Prefect reads it once, at
+    import, into handlers bound to the streams of that moment."""
     import logging
     import sys
 

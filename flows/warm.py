@@ -246,7 +246,8 @@ def serve(home: Path) -> None:
             restart = _handle(conn, listener, environment, sources)
     finally:
         listener.close()
-        if json.loads((home / STATE_NAME).read_text()).get("pid") == os.getpid():
+        state = status(home)
+        if state and state["pid"] == os.getpid():  # not a successor's files
             path.unlink(missing_ok=True)
             (home / STATE_NAME).unlink(missing_ok=True)
     if restart:
@@ -314,10 +315,11 @@ def _child(conn: socket.socket, fds: list[int], header: dict) -> None:
         sys.argv = ["voxelflow", *header["argv"]]
         conn.settimeout(None)
         conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
+        from flows.cli import FLOW_COMMANDS, main
         from flows.terminal import reconfigure_prefect_logging
-        from flows.cli import main
 
-        reconfigure_prefect_logging()  # Prefect's console handler still writes to the runner's log
+        if header["argv"][0] not in FLOW_COMMANDS:  # those configure it themselves (quiet_logging)
+            reconfigure_prefect_logging()  # else Prefect's console handler writes to the runner's log
         rc = main(header["argv"])
     except SystemExit as exc:
         rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
